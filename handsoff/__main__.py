@@ -1,0 +1,3 @@
+from handsoff.cli import main
+
+raise SystemExit(main())
