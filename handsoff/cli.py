@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from handsoff.generator import CheckpointError
+    from handsoff.runtime import tune_allocator
+
+    tune_allocator()
 
     try:
         return args.func(args)

@@ -181,13 +181,22 @@ def _resolutions(state: dict[str, torch.Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}b(\d+)\.", k))})
 
 
+def _first_dim(state: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...]) -> int:
+    """Size of dim 0 of the first of several tensors that all carry it (so one missing key stays reportable)."""
+    for name in names:
+        if prefix + name in state:
+            return state[prefix + name].shape[0]
+    raise KeyError(prefix + names[0])
+
+
 def infer_generator_config(state: dict[str, torch.Tensor], path: Path) -> dict:
     """Generator config from its tensors (our key layout)."""
     try:
         n_mlp = len([k for k in state if re.fullmatch(r"mapping\.fc\d+\.weight", k)])
         resolutions = _resolutions(state, "synthesis.")
         top = max(resolutions)
-        channels = {r: state[f"synthesis.b{r}.conv1.weight"].shape[0] for r in resolutions}
+        channels = {r: _first_dim(state, f"synthesis.b{r}.", ("conv1.bias", "conv1.weight", "torgb.affine.bias"))
+                    for r in resolutions}
         base, cmax = _fit_channel_base(channels, path)
         return dict(resolution=top, z_dim=state["mapping.fc0.weight"].shape[1],
                     w_dim=state[f"mapping.fc{n_mlp - 1}.weight"].shape[0], n_mlp=n_mlp, channel_base=base,
@@ -202,7 +211,7 @@ def infer_discriminator_config(state: dict[str, torch.Tensor], path: Path) -> di
     try:
         resolutions = [r for r in _resolutions(state, "") if r > 4]
         top = max(resolutions)
-        channels = {r: state[f"b{r}.conv0.weight"].shape[0] for r in resolutions}
+        channels = {r: _first_dim(state, f"b{r}.", ("conv0.bias", "conv0.weight")) for r in resolutions}
         channels[4] = state["b4.fc.weight"].shape[0]
         base, cmax = _fit_channel_base(channels, path)
         mbstd = state["b4.conv.weight"].shape[1] - channels[4]

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from checkpoint_writers import write_rosinality
+from handsoff import load_generator, save_networks
+from handsoff.cli import PLANNED, main
+
+
+def test_help_lists_the_pipeline_stages():
+    out = subprocess.run([sys.executable, "-m", "handsoff", "--help"], capture_output=True, text=True, check=True)
+    for stage in ["demo", "init-generator", "convert", "sample", *PLANNED]:
+        assert stage in out.stdout
+
+
+def test_planned_stage_is_refused_clearly(capsys):
+    assert main(["fit"]) == 2
+    assert "not available in this version yet" in capsys.readouterr().err
+
+
+def test_sample_writes_a_grid(tmp_path, tiny_generator):
+    ckpt = save_networks(tmp_path / "g", tiny_generator)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(ckpt), "--n", "6", "--seed", "3", "--out", str(out),
+                 "--batch", "4", "--device", "cpu"]) == 0
+    grid = Image.open(out)
+    assert grid.size == (3 * 66 + 2, 2 * 66 + 2) and grid.mode == "RGB"
+    again = tmp_path / "again.png"
+    main(["sample", "--checkpoint", str(ckpt), "--n", "6", "--seed", "3", "--out", str(again), "--device", "cpu"])
+    assert again.read_bytes() == out.read_bytes()  # same seed, different batching: same images
+
+
+def test_convert_rosinality_to_handsoff(tmp_path, tiny_generator, tiny_discriminator, capsys):
+    write_rosinality(tmp_path / "ros.pt", tiny_generator, tiny_discriminator)
+    assert main(["convert", str(tmp_path / "ros.pt"), str(tmp_path / "out")]) == 0
+    assert load_generator(tmp_path / "out").config == load_generator(tmp_path / "ros.pt").config
+    assert main(["convert", str(tmp_path / "ros.pt"), str(tmp_path / "out")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "ros.pt"), str(tmp_path / "out"), "--force"]) == 0
+
+
+def test_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "x.png")]) == 1
+    assert "bad.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["init-generator", "--resolution", "32", "--seed", "1"]])
+def test_generator_building_commands(tmp_path, command):
+    out = tmp_path / "out"
+    assert main([*command, "--out", str(out)]) == 0
+    ckpt = out / "generator" if command[0] == "demo" else out
+    assert load_generator(ckpt).img_resolution == (64 if command[0] == "demo" else 32)
+    if command[0] == "demo":
+        assert Image.open(out / "samples.png").size == (4 * 66 + 2, 4 * 66 + 2)
