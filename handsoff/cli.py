@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 PIPELINE = """\
+data: render-heads renders the embedded domain; import-data converts labeled data; show draws a contact sheet
 pipeline (HandsOff, Xu et al. CVPR 2023):
   0. generator     a StyleGAN2 checkpoint: init-generator, convert, sample; train-gan trains one
   1. inversion     put each labeled real image into W+: train-encoder, invert
@@ -23,7 +24,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "render-heads": "render the procedural heads domain with exact labels",
     "train-gan": "train a StyleGAN2 on a folder of images",
     "train-encoder": "train a ReStyle-style inversion encoder on generator samples",
     "invert": "invert labeled real images into W+",
@@ -123,6 +123,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_render_heads(args) -> int:
+    from handsoff.domains.heads import write_heads_dataset
+
+    out = write_heads_dataset(args.out, args.n, seed=args.seed, size=args.size, start=args.start,
+                              batch=args.batch, overwrite=args.force)
+    print(f"wrote {args.n} labeled heads to {out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from handsoff.data.layout import LabeledFolder
+    from handsoff.visualize import contact_sheet, save_image_atomic
+
+    sheet = contact_sheet(LabeledFolder(args.dataset), n=args.n, columns=args.columns, scale=args.scale)
+    print(f"wrote {save_image_atomic(sheet, args.out)}")
+    return 0
+
+
+def cmd_import_data(args) -> int:
+    from handsoff.data import importers
+
+    if args.layout == "handsoff-faces":
+        report = importers.import_handsoff_faces(args.source, args.out, mapping=args.mapping, overwrite=args.force)
+    elif args.layout == "coco":
+        if not args.images:
+            raise SystemExit("import-data coco: --images DIR is required")
+        report = importers.import_coco(args.source, args.images, args.out, mapping=args.mapping,
+                                       overwrite=args.force)
+    else:
+        if not (args.images and args.palette):
+            raise SystemExit("import-data palette: --images DIR and --palette JSON are required (SOURCE = masks)")
+        report = importers.import_palette_masks(args.images, args.source, args.palette, args.out,
+                                                overwrite=args.force)
+    print(f"wrote {args.out}: {report}")
+    return 0
+
+
 def _planned(name: str):
     def run(args) -> int:
         print(f"handsoff {name}: not available in this version yet ({PLANNED[name]}).", file=sys.stderr)
@@ -170,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="ignore the checkpoint's reduced-precision layers")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", type=int, default=0, help="first image index (seed ranges never overlap)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_render_heads)
+
+    p = sub.add_parser("import-data", help="convert labeled data (HandsOff faces, COCO, colour masks) to the "
+                       "standard layout")
+    p.add_argument("layout", choices=["handsoff-faces", "coco", "palette"])
+    p.add_argument("source", help="faces: folder; coco: annotation JSON; palette: folder of colour masks")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", help="image folder (coco, palette)")
+    p.add_argument("--palette", help="palette JSON (palette)")
+    p.add_argument("--mapping", default=None, help="class mapping name or JSON (e.g. celebamask19_to_8, "
+                   "carparts18_to_10)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_import_data)
+
+    p = sub.add_parser("show", help="contact sheet of a labeled dataset: image | mask + keypoints | depth")
+    p.add_argument("dataset")
+    p.add_argument("--out", default="sheet.png")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--columns", type=int, default=2)
+    p.add_argument("--scale", type=int, default=2)
+    p.set_defaults(func=cmd_show)
+
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"(planned) {text}").set_defaults(func=_planned(name))
     return parser
@@ -177,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from handsoff.data.layout import DatasetError
     from handsoff.generator import CheckpointError
     from handsoff.runtime import tune_allocator
 
@@ -184,6 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

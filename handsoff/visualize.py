@@ -39,3 +39,62 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     os.replace(tmp, path)
     return path
+
+
+def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
+    """(H, W) depth -> (H, W, 3) uint8, near = bright yellow, far = dark purple.
+
+    Colours follow each pixel's depth rank within the image, so the relief of a near object stays visible next
+    to a far background.
+    """
+    d = depth.astype(np.float32).reshape(-1)
+    rank = np.empty(d.size, np.float32)
+    rank[np.argsort(d, kind="stable")] = np.arange(d.size)
+    t = (rank / max(d.size - 1, 1)).reshape(depth.shape)
+    stops = np.array([[253, 231, 37], [33, 145, 140], [68, 1, 84]], np.float32)  # near -> far
+    lo = np.clip((t * 2).astype(int), 0, 1)
+    frac = (t * 2 - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
+
+
+def label_panels(sample: dict, colors, scale: int = 2) -> Image.Image:
+    """One sample side by side: image | mask overlay with keypoints | depth, each upscaled ``scale`` times."""
+    from PIL import ImageDraw
+
+    image = sample["image"]
+    h, w = image.shape[:2]
+    panels = [image]
+    overlay = image.copy()
+    if "mask" in sample:
+        palette = np.array(colors, np.uint8)
+        overlay = (0.45 * image + 0.55 * palette[sample["mask"]]).astype(np.uint8)
+    panels.append(overlay)
+    if "depth" in sample:
+        panels.append(depth_to_rgb(sample["depth"]))
+    strip = Image.fromarray(np.concatenate(panels, axis=1)).resize((w * len(panels) * scale, h * scale),
+                                                                     Image.NEAREST)
+    if "keypoints" in sample:
+        draw = ImageDraw.Draw(strip)
+        for x, y, v in sample["keypoints"]:
+            if v <= 0:
+                continue
+            cx, cy, r = (x + w) * scale, y * scale, max(scale, 2)
+            fill = (0, 255, 0) if v == 2 else None
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=(255, 0, 0) if v == 1 else fill)
+    return strip
+
+
+def contact_sheet(folder, n: int = 16, columns: int = 2, scale: int = 2) -> Image.Image:
+    """The first n samples of a ``LabeledFolder`` with their labels, in a grid of ``columns`` strips."""
+    from handsoff.data.layout import default_color
+
+    card = folder.card
+    colors = card.colors or [tuple(default_color(i)) for i in range(len(card.classes or []))]
+    strips = [label_panels(folder.load(name), colors, scale) for name in folder.names[:n]]
+    sw, sh = strips[0].size
+    rows = -(-len(strips) // columns)
+    sheet = Image.new("RGB", (columns * (sw + 4) + 4, rows * (sh + 4) + 4), (255, 255, 255))
+    for i, strip in enumerate(strips):
+        r, c = divmod(i, columns)
+        sheet.paste(strip, (4 + c * (sw + 4), 4 + r * (sh + 4)))
+    return sheet

@@ -441,3 +441,32 @@ def render_heads(seed: int, indices, size: int = 64) -> RenderedHeads:
     """Render the scenes of the given global indices for ``seed`` (each from its own (seed, index) stream)."""
     factors = [sample_factors(np.random.default_rng([int(seed), int(i)])) for i in indices]
     return render_factors(factors, size)
+
+
+def dataset_card(size: int, seed: int) -> "DatasetCard":
+    """The dataset card of rendered heads: classes, keypoints and how depth is stored."""
+    from handsoff.data.layout import DatasetCard
+
+    return DatasetCard(classes=list(CLASSES), colors=list(CLASS_COLORS), keypoint_names=list(KEYPOINTS),
+                       skeleton=list(SKELETON), keypoint_flip_pairs=list(FLIP_PAIRS), depth_format="npy",
+                       depth_unit="scene units (camera z)",
+                       source={"domain": "heads", "renderer": "handsoff.domains.heads", "size": size, "seed": seed})
+
+
+def write_heads_dataset(out, n: int, seed: int = 0, size: int = 64, start: int = 0, batch: int = 32,
+                        overwrite: bool = False, progress: bool = True):
+    """Render images ``start .. start + n - 1`` of ``seed`` into the standard layout at ``out``."""
+    from tqdm import tqdm
+
+    from handsoff.data.layout import DatasetWriter
+
+    writer = DatasetWriter(out, dataset_card(size, seed), overwrite=overwrite)
+    with tqdm(total=n, desc="rendering heads", unit="img", disable=not progress) as bar:
+        for first in range(start, start + n, batch):
+            indices = range(first, min(first + batch, start + n))
+            r = render_heads(seed, indices, size)
+            for j, i in enumerate(indices):
+                writer.add(f"{seed:04d}_{i:07d}", r.images[j], r.masks[j], r.depth[j], r.keypoints[j],
+                           factors={"index": i, **r.factors[j]})
+            bar.update(len(indices))
+    return writer.close()

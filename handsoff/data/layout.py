@@ -1,0 +1,254 @@
+"""The standard on-disk layout for labeled images, with its writer and reader.
+
+    DATASET/
+      dataset.json          the card: classes (id, name, colour), keypoint names / skeleton / flip pairs,
+                            depth encoding, tasks present, provenance
+      images/NAME.png|jpg   RGB images
+      masks/NAME.png        uint8 class ids (segmentation)
+      depth/NAME.npy        float32 depth, or depth/NAME.png 16-bit with value = png / depth.scale
+      keypoints.json        COCO keypoints: images, annotations with [x, y, v] * K (pixel centres at +0.5)
+      factors.jsonl         optional per-image metadata (scene factors of rendered data)
+
+Every file is written to a temporary name and renamed, so a killed writer leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FORMAT_NAME = "handsoff-labeled"
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """Bad labeled data; the message names the file and what is wrong."""
+
+
+@dataclass
+class DatasetCard:
+    """What ``dataset.json`` holds. ``classes``: names in id order; ``colors``: one RGB triple per class."""
+
+    classes: list[str] | None = None
+    colors: list[tuple[int, int, int]] | None = None
+    keypoint_names: list[str] | None = None
+    skeleton: list[tuple[str, str]] = field(default_factory=list)
+    keypoint_flip_pairs: list[tuple[str, str]] = field(default_factory=list)
+    class_flip_pairs: list[tuple[str, str]] = field(default_factory=list)
+    depth_format: str | None = None  # "npy" or "png16"
+    depth_scale: float = 1.0  # png16 only: depth = png value / scale
+    depth_unit: str = "m"
+    source: dict = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t, present in (("segmentation", self.classes), ("keypoints", self.keypoint_names),
+                                     ("depth", self.depth_format)) if present]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": self.tasks,
+            "classes": None if self.classes is None else [
+                {"id": i, "name": n, "color": list(self.colors[i]) if self.colors else default_color(i)}
+                for i, n in enumerate(self.classes)],
+            "class_flip_pairs": [list(p) for p in self.class_flip_pairs],
+            "keypoints": None if self.keypoint_names is None else {
+                "names": self.keypoint_names, "skeleton": [list(p) for p in self.skeleton],
+                "flip_pairs": [list(p) for p in self.keypoint_flip_pairs]},
+            "depth": None if self.depth_format is None else {
+                "format": self.depth_format, "scale": self.depth_scale, "unit": self.depth_unit},
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> DatasetCard:
+        if data.get("format") != FORMAT_NAME:
+            raise DatasetError(f"{path}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+        classes = data.get("classes")
+        if classes is not None and [c["id"] for c in classes] != list(range(len(classes))):
+            raise DatasetError(f"{path}: class ids must be 0..{len(classes) - 1} in order")
+        kp, depth = data.get("keypoints"), data.get("depth")
+        return cls(
+            classes=None if classes is None else [c["name"] for c in classes],
+            colors=None if classes is None else [tuple(c["color"]) for c in classes],
+            keypoint_names=None if kp is None else list(kp["names"]),
+            skeleton=[tuple(p) for p in (kp or {}).get("skeleton", [])],
+            keypoint_flip_pairs=[tuple(p) for p in (kp or {}).get("flip_pairs", [])],
+            class_flip_pairs=[tuple(p) for p in data.get("class_flip_pairs", [])],
+            depth_format=None if depth is None else depth["format"],
+            depth_scale=1.0 if depth is None else float(depth.get("scale", 1.0)),
+            depth_unit="m" if depth is None else depth.get("unit", "m"),
+            source=data.get("source", {}))
+
+
+def default_color(i: int) -> list[int]:
+    """A distinct colour per class id (golden-ratio hues); background (0) is black."""
+    if i == 0:
+        return [0, 0, 0]
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return [int(r * 255), int(g * 255), int(b * 255)]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _atomic_save(path: Path, save) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+class DatasetWriter:
+    """Write samples into the standard layout; ``close()`` writes keypoints.json and dataset.json last.
+
+    Refuses a non-empty output folder unless ``overwrite`` (then existing files of the same names are replaced).
+    """
+
+    def __init__(self, root: str | os.PathLike, card: DatasetCard, overwrite: bool = False):
+        self.root, self.card = Path(root), card
+        if self.root.exists() and any(self.root.iterdir()) and not overwrite:
+            raise FileExistsError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.coco_images, self.coco_annotations, self.factors = [], [], []
+
+    def add(self, name: str, image: np.ndarray, mask: np.ndarray | None = None, depth: np.ndarray | None = None,
+            keypoints: np.ndarray | None = None, factors: dict | None = None) -> None:
+        """image (H, W, 3) uint8; mask (H, W) uint8 ids; depth (H, W) float; keypoints (K, 3) [x, y, v]."""
+        h, w = image.shape[:2]
+        _atomic_save(self.root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
+        if mask is not None:
+            _atomic_save(self.root / "masks" / f"{name}.png",
+                         lambda p: Image.fromarray(mask.astype(np.uint8)).save(p, format="PNG"))
+        if depth is not None:
+            if self.card.depth_format == "png16":
+                value = np.clip(np.round(depth * self.card.depth_scale), 0, 65535).astype(np.uint16)
+                _atomic_save(self.root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
+            else:
+                _atomic_save(self.root / "depth" / f"{name}.npy",
+                             lambda p: np.save(p, depth.astype(np.float32)))
+        if keypoints is not None:
+            image_id = len(self.coco_images) + 1
+            self.coco_images.append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
+            kp = np.asarray(keypoints, np.float64)
+            self.coco_annotations.append({
+                "id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
+                "num_keypoints": int((kp[:, 2] > 0).sum())})
+        if factors is not None:
+            self.factors.append({"name": name, **factors})
+
+    def close(self) -> Path:
+        if self.card.keypoint_names is not None:
+            names = self.card.keypoint_names
+            index = {n: i + 1 for i, n in enumerate(names)}
+            atomic_write_json(self.root / "keypoints.json", {
+                "images": self.coco_images, "annotations": self.coco_annotations,
+                "categories": [{"id": 1, "name": "object", "keypoints": names,
+                                "skeleton": [[index[a], index[b]] for a, b in self.card.skeleton]}]})
+        if self.factors:
+            atomic_write_bytes(self.root / "factors.jsonl",
+                               "".join(json.dumps(f) + "\n" for f in self.factors).encode())
+        atomic_write_json(self.root / "dataset.json", self.card.to_json())
+        return self.root
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a clear error for files that are not images."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot read image ({e})") from None
+
+
+class LabeledFolder:
+    """Read access to a dataset in the standard layout, with validation of every file it returns."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        card_path = self.root / "dataset.json"
+        if not card_path.is_file():
+            raise DatasetError(f"{self.root}: no dataset.json; not a handsoff labeled dataset")
+        try:
+            self.card = DatasetCard.from_json(json.loads(card_path.read_text()), card_path)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DatasetError(f"{card_path}: invalid dataset card ({e})") from None
+        image_dir = self.root / "images"
+        self.image_paths = {p.stem: p for p in sorted(image_dir.glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+        if not self.image_paths:
+            raise DatasetError(f"{image_dir}: no images")
+        self.names = sorted(self.image_paths)
+        self.keypoints: dict[str, np.ndarray] = {}
+        if self.card.keypoint_names is not None:
+            self.keypoints = self._read_keypoints()
+
+    def _read_keypoints(self) -> dict[str, np.ndarray]:
+        path = self.root / "keypoints.json"
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing, but dataset.json declares keypoints")
+        coco = json.loads(path.read_text())
+        k = len(self.card.keypoint_names)
+        by_id = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
+        out = {}
+        for ann in coco["annotations"]:
+            kp = np.asarray(ann["keypoints"], np.float32)
+            if kp.size != 3 * k:
+                raise DatasetError(f"{path}: annotation {ann['id']} has {kp.size // 3} keypoints, expected {k}")
+            out[by_id[ann["image_id"]]] = kp.reshape(k, 3)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, name: str) -> dict:
+        """image (H, W, 3) uint8, and per task: mask (H, W) int64, depth (H, W) float32, keypoints (K, 3)."""
+        image = read_image(self.image_paths[name])
+        h, w = image.shape[:2]
+        sample = {"name": name, "image": image}
+        if self.card.classes is not None:
+            path = self.root / "masks" / f"{name}.png"
+            if not path.is_file():
+                raise DatasetError(f"{path}: mask missing for image {self.image_paths[name].name}")
+            mask = np.asarray(Image.open(path))
+            if mask.ndim != 2:
+                raise DatasetError(f"{path}: mask must be single-channel class ids, got shape {mask.shape}")
+            if mask.shape != (h, w):
+                raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {w}x{h}")
+            if mask.max() >= len(self.card.classes):
+                bad = sorted(set(np.unique(mask).tolist()) - set(range(len(self.card.classes))))
+                raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(self.card.classes)} classes)")
+            sample["mask"] = mask.astype(np.int64)
+        if self.card.depth_format is not None:
+            if self.card.depth_format == "npy":
+                path = self.root / "depth" / f"{name}.npy"
+                depth = np.load(path) if path.is_file() else None
+            else:
+                path = self.root / "depth" / f"{name}.png"
+                depth = np.asarray(Image.open(path), np.float32) / self.card.depth_scale if path.is_file() else None
+            if depth is None:
+                raise DatasetError(f"{path}: depth missing for image {self.image_paths[name].name}")
+            if depth.shape != (h, w):
+                raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {w}x{h}")
+            sample["depth"] = depth.astype(np.float32)
+        if self.card.keypoint_names is not None:
+            if name not in self.keypoints:
+                raise DatasetError(f"{self.root / 'keypoints.json'}: no keypoints for image {name}")
+            sample["keypoints"] = self.keypoints[name].copy()
+        return sample

@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handsoff.cli import main
+from handsoff.data.importers import import_coco, import_handsoff_faces, import_palette_masks, load_class_mapping
+from handsoff.data.layout import DatasetError, LabeledFolder
+
+
+def _image(path, h=8, w=10, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def test_handsoff_faces_with_19_to_8_merge(tmp_path):
+    src = tmp_path / "faces"
+    src.mkdir()
+    for i in range(3):
+        _image(src / f"image_{i}.jpg", seed=i)
+        mask = np.zeros((8, 10), np.int64)
+        mask[0, :] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        mask[1, :9] = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+        np.save(src / f"image_mask{i}.npy", mask)
+    import_handsoff_faces(src, tmp_path / "out")
+    folder = LabeledFolder(tmp_path / "out")
+    assert folder.card.classes == ["background", "skin", "nose", "eye", "brow", "ear", "mouth", "hair"]
+    m = folder.load("image_0")["mask"]
+    names = folder.card.classes
+    assert [names[v] for v in m[0]] == ["background", "skin", "nose", "eye", "eye", "eye", "brow", "brow", "ear",
+                                        "ear"]
+    assert [names[v] for v in m[1, :9]] == ["mouth", "mouth", "mouth", "hair"] + ["background"] * 5
+
+    import_handsoff_faces(src, tmp_path / "raw", mapping=None)
+    raw = LabeledFolder(tmp_path / "raw")
+    assert len(raw.card.classes) == 19 and ("l_eye", "r_eye") in raw.card.class_flip_pairs
+
+
+def test_handsoff_faces_broken_inputs(tmp_path):
+    src = tmp_path / "faces"
+    src.mkdir()
+    _image(src / "image_0.jpg")
+    with pytest.raises(DatasetError, match=r"image_0\.jpg: no mask"):
+        import_handsoff_faces(src, tmp_path / "o1")
+    np.save(src / "image_mask0.npy", np.zeros((9, 10), np.int64))
+    with pytest.raises(DatasetError, match=r"image_mask0\.npy: mask shape \(9, 10\) does not match"):
+        import_handsoff_faces(src, tmp_path / "o2", overwrite=True)
+    np.save(src / "image_mask0.npy", np.full((8, 10), 19, np.int64))
+    with pytest.raises(DatasetError, match=r"image_mask0\.npy: unknown class ids \[19\]"):
+        import_handsoff_faces(src, tmp_path / "o3")
+    np.save(src / "image_mask0.npy", np.zeros((8, 10), np.int64))
+    (src / "image_0.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DatasetError, match=r"image_0\.jpg: cannot read image"):
+        import_handsoff_faces(src, tmp_path / "o4")
+
+
+def _coco(tmp_path, categories, annotations, size=(20, 20)):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    _image(images / "car.png", h=size[0], w=size[1])
+    data = {"images": [{"id": 1, "file_name": "car.png", "height": 20, "width": 20}],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)],
+            "annotations": annotations}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path / "ann.json", images
+
+
+def test_coco_polygons_rle_and_draw_order(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    small = np.zeros((20, 20), np.uint8, order="F")
+    small[8:12, 8:12] = 1
+    rle = mask_utils.encode(small)
+    rle["counts"] = rle["counts"].decode()
+    anns = [  # the small light (RLE) is listed first but must end on top of the large bumper (polygon)
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": rle, "area": 16, "iscrowd": 0, "bbox": [8, 8, 4, 4]},
+        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [[2, 2, 18, 2, 18, 18, 2, 18]], "area": 256,
+         "iscrowd": 0, "bbox": [2, 2, 16, 16]},
+    ]
+    ann, images = _coco(tmp_path, ["back_bumper", "front_bumper", "front_left_light"], anns)
+    import_coco(ann, images, tmp_path / "out", mapping="carparts18_to_10")
+    folder = LabeledFolder(tmp_path / "out")
+    m, names = folder.load("car")["mask"], folder.card.classes
+    assert len(names) == 10 and names[m[10, 10]] == "light" and names[m[4, 4]] == "bumper"
+    assert names[m[0, 0]] == "background"
+
+
+def test_coco_broken_inputs(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[2, 2, 8, 2, 8, 8]], "area": 18,
+             "iscrowd": 0, "bbox": [2, 2, 6, 6]}]
+    ann, images = _coco(tmp_path, ["spoiler"], anns)
+    with pytest.raises(DatasetError, match="class 'spoiler' is not in mapping 'carparts18_to_10'"):
+        import_coco(ann, images, tmp_path / "o1", mapping="carparts18_to_10")
+    ann, images = _coco(tmp_path, ["hood"], anns, size=(20, 24))
+    with pytest.raises(DatasetError, match=r"car\.png: image is 24x20, ann\.json says 20x20"):
+        import_coco(ann, images, tmp_path / "o2")
+    (images / "car.png").unlink()
+    with pytest.raises(DatasetError, match=r"car\.png: image listed in ann\.json is missing"):
+        import_coco(ann, images, tmp_path / "o3")
+
+
+def test_palette_masks_snap_and_report(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    palette = {"classes": [{"name": "background", "color": [0, 0, 0]}, {"name": "road", "color": [128, 64, 128]},
+                           {"name": "car", "color": [0, 0, 142]}]}
+    (tmp_path / "palette.json").write_text(json.dumps(palette))
+    _image(tmp_path / "img" / "a.png", h=4, w=4)
+    coloured = np.zeros((4, 4, 3), np.uint8)
+    coloured[0] = [128, 64, 128]
+    coloured[1] = [120, 60, 130]  # anti-aliased road
+    coloured[2] = [0, 0, 142]
+    Image.fromarray(coloured).save(tmp_path / "msk" / "a.png")
+    report = import_palette_masks(tmp_path / "img", tmp_path / "msk", tmp_path / "palette.json", tmp_path / "out")
+    assert report["snapped_pixels"] == 4 and report["pixels"] == 16
+    m = LabeledFolder(tmp_path / "out").load("a")["mask"]
+    assert m[:, 0].tolist() == [1, 1, 2, 0]
+
+    coloured[3, 0] = [255, 255, 0]  # a colour that names no class
+    Image.fromarray(coloured).save(tmp_path / "msk" / "a.png")
+    with pytest.raises(DatasetError, match=r"a\.png: colour \[255, 255, 0\] at \(x=0, y=3\) is not near any"):
+        import_palette_masks(tmp_path / "img", tmp_path / "msk", tmp_path / "palette.json", tmp_path / "o2")
+    (tmp_path / "msk" / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"a\.png: mask missing for image a\.png"):
+        import_palette_masks(tmp_path / "img", tmp_path / "msk", tmp_path / "palette.json", tmp_path / "o3")
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    assert main(["render-heads", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "1"]) == 0
+    Image.fromarray(np.full((64, 64), 40, np.uint8)).save(tmp_path / "d" / "masks" / "0001_0000000.png")
+    with pytest.raises(DatasetError, match=r"0001_0000000\.png: unknown class ids \[40\]"):
+        LabeledFolder(tmp_path / "d").load("0001_0000000")
+    (tmp_path / "d" / "masks" / "0001_0000001.png").unlink()
+    with pytest.raises(DatasetError, match=r"0001_0000001\.png: mask missing"):
+        LabeledFolder(tmp_path / "d").load("0001_0000001")
+    assert main(["render-heads", "--out", str(tmp_path / "d"), "--n", "2"]) == 1  # no silent overwrite
+
+
+def test_show_and_mappings(tmp_path):
+    assert main(["render-heads", "--out", str(tmp_path / "d"), "--n", "4"]) == 0
+    assert main(["show", str(tmp_path / "d"), "--out", str(tmp_path / "sheet.png"), "--n", "4"]) == 0
+    assert Image.open(tmp_path / "sheet.png").size == (2 * (3 * 128 + 4) + 4, 2 * (128 + 4) + 4)
+    assert load_class_mapping("celebamask19_to_8").classes[3] == "eye"
+    with pytest.raises(DatasetError, match="no such mapping"):
+        load_class_mapping("nope")
