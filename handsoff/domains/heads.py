@@ -58,6 +58,8 @@ class Primitive:
     texture: int = TEX_NONE
     clip_normal: np.ndarray | None = None
     clip_offset: float = 0.0
+    iris: np.ndarray | None = None  # TEX_EYE: iris colour
+    mouth_open: float = 0.0  # TEX_MOUTH: height of the dark opening, 0..1
 
 
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -122,18 +124,16 @@ def build_scene(f: dict) -> tuple[list[Primitive], dict[str, np.ndarray]]:
     s = f["head_scale"]
     pose = _rotation(math.radians(f["yaw"]), math.radians(f["pitch"]), math.radians(f["roll"]))
     centre = np.array([f["head_x"], f["head_y"], f["head_z"]])
-    eye_rot = np.eye(3)
 
     def to_cam(p):  # head-local point -> camera space
         return centre + pose @ (np.asarray(p, float) * s)
 
     prims: list[Primitive] = []
 
-    def add(local_centre, radii, cls, albedo, rot=eye_rot, head=True, **kw):
+    def add(local_centre, radii, cls, albedo, rot=np.eye(3), head=True, **kw):
         c = to_cam(local_centre) if head else np.asarray(local_centre, float)
         r = np.asarray(radii, float) * (s if head else 1.0)
         prims.append(Primitive(c, (pose @ rot) if head else rot, r, cls, np.asarray(albedo, float), **kw))
-        return prims[-1]
 
     skin, hair = np.array(f["skin"]), np.array(f["hair"])
     rx, ry, rz = f["head_width"], f["head_height"], 0.86
@@ -149,9 +149,8 @@ def build_scene(f: dict) -> tuple[list[Primitive], dict[str, np.ndarray]]:
     for side, sx in (("left", 1.0), ("right", -1.0)):  # subject's left is +x (image right) when facing us
         ex, ey = sx * f["eye_spacing"], -0.08
         ez = _surface_z(rx, ry, rz, ex, ey) + er * 0.55
-        add((ex, ey, ez), (er, er, er), CLS["eye"], (0.95, 0.95, 0.92), specular=0.6, texture=TEX_EYE)
-        prims[-1].rotation = pose @ _look_rotation(gaze)
-        prims[-1].iris = np.array(f["iris"])
+        add((ex, ey, ez), (er, er, er), CLS["eye"], (0.95, 0.95, 0.92), rot=_look_rotation(gaze), specular=0.6,
+            texture=TEX_EYE, iris=np.array(f["iris"]))
         keypoints[f"{side}_eye"] = to_cam(np.array([ex, ey, ez]) + er * gaze)
         outer, inner = np.array([sx * 0.55, 0, -0.835]), np.array([-sx * 0.55, 0, -0.835])
         keypoints[f"{side}_eye_outer"] = to_cam(np.array([ex, ey, ez]) + er * outer)
@@ -180,8 +179,7 @@ def build_scene(f: dict) -> tuple[list[Primitive], dict[str, np.ndarray]]:
     mz = min(_surface_z(*jaw, 0, my - jaw_c[1]) + jaw_c[2], _surface_z(rx, ry, rz, 0, my))
     mouth_c = np.array([0, my, mz + 0.035])
     mouth_r = np.array([0.17 * f["mouth_width"], 0.05 + 0.05 * f["mouth_open"], 0.07])
-    m = add(mouth_c, mouth_r, CLS["mouth"], f["lips"], texture=TEX_MOUTH, specular=0.3)
-    m.mouth_open = f["mouth_open"]
+    add(mouth_c, mouth_r, CLS["mouth"], f["lips"], texture=TEX_MOUTH, specular=0.3, mouth_open=f["mouth_open"])
     corner = np.array([0.9, 0, -math.sqrt(1 - 0.9**2)])
     keypoints["left_mouth_corner"] = to_cam(mouth_c + mouth_r * corner)
     keypoints["right_mouth_corner"] = to_cam(mouth_c + mouth_r * corner * np.array([-1, 1, 1]))
@@ -259,8 +257,9 @@ def _pack(scenes: list[list[Primitive]]) -> dict[str, torch.Tensor]:
                 out["clip_n"][i, j], out["clip_h"][i, j] = p.clip_normal, p.clip_offset
             out["cls"][i, j], out["albedo"][i, j], out["spec"][i, j] = p.class_id, p.albedo, p.specular
             out["tex"][i, j], out["active"][i, j] = p.texture, True
-            out["iris"][i, j] = getattr(p, "iris", np.zeros(3))
-            out["mouth_open"][i, j] = getattr(p, "mouth_open", 0.0)
+            if p.iris is not None:
+                out["iris"][i, j] = p.iris
+            out["mouth_open"][i, j] = p.mouth_open
     return {key: torch.from_numpy(v).float() if v.dtype == np.float64 else torch.from_numpy(v)
             for key, v in out.items()}
 
