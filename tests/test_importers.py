@@ -144,3 +144,19 @@ def test_show_and_mappings(tmp_path):
     assert load_class_mapping("celebamask19_to_8").classes[3] == "eye"
     with pytest.raises(DatasetError, match="no such mapping"):
         load_class_mapping("nope")
+
+
+def test_depth_as_16bit_png_with_stated_scale(tmp_path):
+    from handsoff.data.layout import DatasetCard, DatasetWriter
+
+    card = DatasetCard(depth_format="png16", depth_scale=1000.0, depth_unit="m")
+    writer = DatasetWriter(tmp_path / "d", card)
+    depth = np.linspace(0.5, 12.0, 48, dtype=np.float32).reshape(6, 8)
+    writer.add("x", np.zeros((6, 8, 3), np.uint8), depth=depth)
+    writer.close()
+    folder = LabeledFolder(tmp_path / "d")
+    assert folder.card.tasks == ["depth"] and (tmp_path / "d" / "depth" / "x.png").is_file()
+    assert np.abs(folder.load("x")["depth"] - depth).max() <= 0.5 / 1000 + 1e-6
+    Image.fromarray(np.zeros((5, 8), np.uint16)).save(tmp_path / "d" / "depth" / "x.png")
+    with pytest.raises(DatasetError, match=r"x\.png: depth is 8x5, image is 8x6"):
+        folder.load("x")
