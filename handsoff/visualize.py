@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handsoff.fileio import atomic_save
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) float in [-1, 1] -> (B, H, W, C) uint8, values clipped."""
@@ -32,13 +34,9 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Save via a temporary file in the same folder, then rename, so a killed run leaves no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
-    return path
+    """Save an image (format from the suffix, PNG by default) without ever leaving a half-written file."""
+    fmt = (Path(path).suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    return atomic_save(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def depth_to_rgb(depth: np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handsoff.fileio import atomic_save, atomic_write_bytes
+
 FORMAT_NAME = "handsoff-labeled"
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -97,22 +99,8 @@ def default_color(i: int) -> list[int]:
     return [int(r * 255), int(g * 255), int(b * 255)]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _atomic_save(path: Path, save) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    save(tmp)
-    os.replace(tmp, path)
 
 
 class DatasetWriter:
@@ -132,16 +120,16 @@ class DatasetWriter:
             keypoints: np.ndarray | None = None, factors: dict | None = None) -> None:
         """image (H, W, 3) uint8; mask (H, W) uint8 ids; depth (H, W) float; keypoints (K, 3) [x, y, v]."""
         h, w = image.shape[:2]
-        _atomic_save(self.root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
+        atomic_save(self.root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
         if mask is not None:
-            _atomic_save(self.root / "masks" / f"{name}.png",
+            atomic_save(self.root / "masks" / f"{name}.png",
                          lambda p: Image.fromarray(mask.astype(np.uint8)).save(p, format="PNG"))
         if depth is not None:
             if self.card.depth_format == "png16":
                 value = np.clip(np.round(depth * self.card.depth_scale), 0, 65535).astype(np.uint16)
-                _atomic_save(self.root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
+                atomic_save(self.root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
             else:
-                _atomic_save(self.root / "depth" / f"{name}.npy",
+                atomic_save(self.root / "depth" / f"{name}.npy",
                              lambda p: np.save(p, depth.astype(np.float32)))
         if keypoints is not None:
             image_id = len(self.coco_images) + 1

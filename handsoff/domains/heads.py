@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from handsoff.data.layout import DatasetCard, DatasetWriter
+
 CLASSES = ["background", "skin", "hair", "eye", "brow", "nose", "mouth", "ear", "neck", "cloth", "glasses", "hat"]
 CLASS_COLORS = [(0, 0, 0), (224, 172, 138), (90, 50, 20), (255, 255, 255), (60, 30, 10), (255, 120, 80),
                 (200, 30, 60), (170, 110, 200), (130, 180, 90), (40, 90, 200), (255, 230, 0), (0, 200, 200)]
@@ -442,10 +444,8 @@ def render_heads(seed: int, indices, size: int = 64) -> RenderedHeads:
     return render_factors(factors, size)
 
 
-def dataset_card(size: int, seed: int) -> "DatasetCard":
+def dataset_card(size: int, seed: int) -> DatasetCard:
     """The dataset card of rendered heads: classes, keypoints and how depth is stored."""
-    from handsoff.data.layout import DatasetCard
-
     return DatasetCard(classes=list(CLASSES), colors=list(CLASS_COLORS), keypoint_names=list(KEYPOINTS),
                        skeleton=list(SKELETON), keypoint_flip_pairs=list(FLIP_PAIRS), depth_format="npy",
                        depth_unit="scene units (camera z)",
@@ -456,8 +456,6 @@ def write_heads_dataset(out, n: int, seed: int = 0, size: int = 64, start: int =
                         overwrite: bool = False, progress: bool = True):
     """Render images ``start .. start + n - 1`` of ``seed`` into the standard layout at ``out``."""
     from tqdm import tqdm
-
-    from handsoff.data.layout import DatasetWriter
 
     writer = DatasetWriter(out, dataset_card(size, seed), overwrite=overwrite)
     with tqdm(total=n, desc="rendering heads", unit="img", disable=not progress) as bar:
