@@ -24,7 +24,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "train-gan": "train a StyleGAN2 on a folder of images",
     "train-encoder": "train a ReStyle-style inversion encoder on generator samples",
     "invert": "invert labeled real images into W+",
     "fit": "fit the label generator (segmentation, keypoints, depth)",
@@ -123,6 +122,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train_gan(args) -> int:
+    from handsoff.generator.training import TrainingConfig, train_gan
+
+    config = TrainingConfig(
+        data=args.data, out=args.out, resolution=args.size, z_dim=args.z_dim, w_dim=args.w_dim, n_mlp=args.n_mlp,
+        channel_base=args.channel_base, channel_max=args.channel_max, batch=args.batch,
+        batch_per_round=args.batch_per_round, total_images=args.images, lr=args.lr, r1_gamma=args.gamma,
+        r1_interval=args.r1_interval, pl_weight=args.pl_weight, style_mixing=args.style_mixing,
+        augment=args.augment, augment_p=args.augment_p, ada_target=args.ada_target, precision=args.precision,
+        num_fp16_res=args.fp16_res, seed=args.seed, device=args.device, tick_images=args.tick,
+        snapshot_images=args.snapshot)
+    t0 = time.perf_counter()
+    last = train_gan(config)
+    print(f"latest network: {last} ({time.perf_counter() - t0:.0f} s this session); sample it with "
+          f"`handsoff sample --checkpoint {last}`")
+    return 0
+
+
 def cmd_render_heads(args) -> int:
     from handsoff.domains.heads import write_heads_dataset
 
@@ -207,6 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="ignore the checkpoint's reduced-precision layers")
     p.set_defaults(func=cmd_sample)
 
+    from handsoff.generator.training import TrainingConfig as T
+
+    p = sub.add_parser("train-gan", help="train a StyleGAN2 (+ADA) on a folder of images; rerun to resume",
+                       description="StyleGAN2 training: non-saturating loss, lazy R1, EMA generator, style mixing, "
+                       "optional path-length regularization, adaptive augmentation, mixed precision, gradient "
+                       "accumulation. Running the same command again resumes from OUT/state.pt.")
+    p.add_argument("--data", required=True, help="image folder, or a labeled dataset (its images/ are used)")
+    p.add_argument("--out", required=True, help="run folder (created, or resumed)")
+    p.add_argument("--size", type=int, default=T.resolution, help="image resolution (images must match)")
+    p.add_argument("--z-dim", type=int, default=T.z_dim)
+    p.add_argument("--w-dim", type=int, default=T.w_dim)
+    p.add_argument("--n-mlp", type=int, default=T.n_mlp)
+    p.add_argument("--channel-base", type=int, default=T.channel_base)
+    p.add_argument("--channel-max", type=int, default=T.channel_max)
+    p.add_argument("--batch", type=int, default=T.batch, help="images per optimizer step")
+    p.add_argument("--batch-per-round", type=int, default=None, help="split steps for gradient accumulation")
+    p.add_argument("--images", type=int, default=T.total_images, help="train until this many images are seen")
+    p.add_argument("--lr", type=float, default=T.lr)
+    p.add_argument("--gamma", type=float, default=None, help="R1 weight (default 0.0002 * size^2 / batch)")
+    p.add_argument("--r1-interval", type=int, default=T.r1_interval)
+    p.add_argument("--pl-weight", type=float, default=T.pl_weight, help="path-length regularization (0 = off)")
+    p.add_argument("--style-mixing", type=float, default=T.style_mixing)
+    p.add_argument("--augment", choices=["ada", "fixed", "none"], default=T.augment)
+    p.add_argument("--augment-p", type=float, default=T.augment_p, help="initial (ada) or fixed probability")
+    p.add_argument("--ada-target", type=float, default=T.ada_target)
+    p.add_argument("--precision", choices=["mixed", "fp32"], default=T.precision,
+                   help="mixed: bf16 (CPU) / fp16 (CUDA) in the --fp16-res highest resolutions")
+    p.add_argument("--fp16-res", type=int, default=T.num_fp16_res)
+    p.add_argument("--seed", type=int, default=T.seed)
+    p.add_argument("--device", default=T.device, help="auto, cpu, cuda, ...")
+    p.add_argument("--tick", type=int, default=T.tick_images, help="log every this many images")
+    p.add_argument("--snapshot", type=int, default=T.snapshot_images,
+                   help="export a network, a sample grid and the resumable state every this many images")
+    p.set_defaults(func=cmd_train_gan)
+
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=1000)
@@ -246,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from handsoff.data.layout import DatasetError
     from handsoff.generator import CheckpointError
+    from handsoff.generator.training import TrainingError
     from handsoff.runtime import tune_allocator
 
     tune_allocator()
 
     try:
         return args.func(args)
-    except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, DatasetError, TrainingError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

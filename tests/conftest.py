@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from checkpoint_writers import randomize
+
 from handsoff.generator import Discriminator, Generator
 
 # Tiny but complete: 64 px, every block present, narrow widths so each test runs in well under a second.

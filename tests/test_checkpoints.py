@@ -4,12 +4,12 @@ import pickle
 
 import pytest
 import torch
-
 from checkpoint_writers import (
     rosinality_generator_state,
     write_nvidia_pickle,
     write_rosinality,
 )
+
 from handsoff import CheckpointError, load_discriminator, load_generator, load_networks, save_networks
 
 

@@ -2,9 +2,9 @@ import subprocess
 import sys
 
 import pytest
+from checkpoint_writers import write_rosinality
 from PIL import Image
 
-from checkpoint_writers import write_rosinality
 from handsoff import load_generator, save_networks
 from handsoff.cli import PLANNED, main
 

@@ -1,8 +1,8 @@
 import pytest
-import torch
-
 import stylegan2_reference as ref
+import torch
 from conftest import TINY
+
 from handsoff.generator import Generator, latents_for_seeds
 from handsoff.generator.ops import modulated_conv2d
 

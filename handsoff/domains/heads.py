@@ -38,6 +38,10 @@ FLIP_PAIRS = [("left_eye", "right_eye"), ("left_eye_outer", "right_eye_outer"),
 SKELETON = [("left_eye_outer", "left_eye_inner"), ("right_eye_inner", "right_eye_outer"),
             ("left_eye_inner", "nose_tip"), ("right_eye_inner", "nose_tip"), ("nose_tip", "left_mouth_corner"),
             ("nose_tip", "right_mouth_corner"), ("left_mouth_corner", "chin"), ("right_mouth_corner", "chin")]
+# Seeds of the splits the project uses, so that no two ever share an image: labeled train (16/50 images), validation
+# (checkpoint selection), test (>= 500), oracle (thousands of labeled images; also trains the measuring probe), gan
+# (the shipped generator's training set), reference (the real side of Frechet distances).
+SPLIT_SEEDS = {"labeled": 0, "validation": 1, "test": 2, "oracle": 3, "gan": 4, "reference": 5}
 HAIR_STYLES = ["none", "short", "long", "bun"]
 GLASSES_RATE, HAT_RATE = 0.10, 0.05
 
@@ -442,6 +446,20 @@ def render_heads(seed: int, indices, size: int = 64) -> RenderedHeads:
     """Render the scenes of the given global indices for ``seed`` (each from its own (seed, index) stream)."""
     factors = [sample_factors(np.random.default_rng([int(seed), int(i)])) for i in indices]
     return render_factors(factors, size)
+
+
+def probe_targets(factors: list[dict], masks: np.ndarray) -> np.ndarray:
+    """What the measuring probe learns to predict from an image: pose, placement, colours, hair style,
+    accessories, expression, lighting, background colours and the area fraction of every class. (N, 47) float."""
+    rows = []
+    for f, mask in zip(factors, masks):
+        style = [float(f["hair_style"] == s) for s in HAIR_STYLES]
+        areas = np.bincount(mask.reshape(-1), minlength=len(CLASSES)) / mask.size
+        rows.append([f["yaw"] / 45, f["pitch"] / 20, f["roll"] / 15, f["head_x"], f["head_y"], f["head_z"],
+                     f["head_scale"], *f["skin"], *f["hair"], *style, *f["cloth"], *f["lips"], float(f["glasses"]),
+                     float(f["hat"]), f["mouth_open"], *f["light_dir"], f["ambient"], f["light_strength"],
+                     *f["bg_colours"][0], *f["bg_colours"][1], *areas])
+    return np.asarray(rows, dtype=np.float64)
 
 
 def dataset_card(size: int, seed: int) -> DatasetCard:

@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handsoff import load_networks
+from handsoff.cli import main
+from handsoff.domains.heads import write_heads_dataset
+from handsoff.generator.augment import AdaptiveAugmentation, augment, sample_geometry, warp, warp_keypoints
+from handsoff.generator.training import STATE_FILE, TrainingConfig, build_state, data_indices, train_step
+
+TINY_RUN = ["--size", "16", "--z-dim", "16", "--w-dim", "16", "--n-mlp", "2", "--channel-base", "128",
+            "--channel-max", "16", "--batch", "8", "--r1-interval", "2", "--pl-weight", "1", "--augment", "ada",
+            "--augment-p", "0.3", "--tick", "16", "--snapshot", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def heads16(tmp_path_factory):
+    return write_heads_dataset(tmp_path_factory.mktemp("data") / "heads16", 200, seed=11, size=16, progress=False)
+
+
+def _train(data, out, images):
+    assert main(["train-gan", "--data", str(data), "--out", str(out), "--images", str(images), *TINY_RUN]) == 0
+
+
+def test_train_resume_matches_uninterrupted_and_samples(tmp_path, heads16):
+    _train(heads16, tmp_path / "whole", 48)
+    _train(heads16, tmp_path / "split", 16)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [e["images_seen"] for e in log] == [16]
+    _train(heads16, tmp_path / "split", 48)  # the same command with a longer target resumes
+
+    whole = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)
+    split = torch.load(tmp_path / "split" / STATE_FILE, weights_only=True)
+    assert split["images_seen"] == whole["images_seen"] == 48
+    for net in ("G", "D", "G_ema"):
+        for key, value in whole[net].items():
+            torch.testing.assert_close(split[net][key], value, rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [e["images_seen"] for e in log] == [16, 32, 48]
+    for entry in log:
+        for key in ("loss_G", "loss_D_real", "loss_D_fake"):
+            assert np.isfinite(entry[key])
+    assert any("r1_penalty" in e for e in log) and any("pl_penalty" in e for e in log)
+
+    snapshot = tmp_path / "split" / "network-00000048"
+    nets = load_networks(snapshot)
+    assert nets.discriminator is not None and nets.generator.img_resolution == 16
+    assert (tmp_path / "split" / "samples" / "fakes-00000048.png").is_file()
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(snapshot), "--n", "4", "--out", str(grid), "--device", "cpu"]) == 0
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+def test_resume_refuses_a_different_model(tmp_path, heads16, capsys):
+    _train(heads16, tmp_path / "run", 8)
+    args = ["train-gan", "--data", str(heads16), "--out", str(tmp_path / "run"), "--images", "16", *TINY_RUN]
+    args[args.index("--channel-max") + 1] = "32"
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "training.json" in err and "channel_max" in err
+
+
+def test_training_data_errors_name_the_file(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "a.png")
+    Image.new("RGB", (20, 16)).save(folder / "b.png")
+    assert main(["train-gan", "--data", str(folder), "--out", str(tmp_path / "run"), "--images", "8",
+                 *TINY_RUN]) == 1
+    err = capsys.readouterr().err
+    assert "b.png" in err and "20x16" in err
+    Image.new("L", (16, 16)).save(folder / "b.png")
+    assert main(["train-gan", "--data", str(folder), "--out", str(tmp_path / "run2"), "--images", "8",
+                 *TINY_RUN]) == 1
+    assert "b.png" in capsys.readouterr().err
+    assert main(["train-gan", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run3"),
+                 *TINY_RUN]) == 1
+
+
+def test_training_moves_the_networks_and_keeps_losses_finite():
+    config = TrainingConfig(data="", out="", resolution=16, z_dim=16, w_dim=16, n_mlp=2, channel_base=128,
+                            channel_max=16, batch=8, batch_per_round=4, r1_interval=1, augment="fixed",
+                            augment_p=0.5)
+    state = build_state(config, torch.device("cpu"))
+    before = {k: v.clone() for k, v in state.G.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in state.G_ema.state_dict().items()}
+    reals = torch.rand(8, 3, 16, 16) * 2 - 1
+    stats = train_step(state, reals, config)
+    assert all(np.isfinite(v) for v in stats.values()) and "r1_penalty" in stats
+    assert not torch.equal(before["synthesis.b16.conv1.weight"], state.G.state_dict()["synthesis.b16.conv1.weight"])
+    assert not torch.equal(ema_before["synthesis.b16.conv1.weight"],
+                           state.G_ema.state_dict()["synthesis.b16.conv1.weight"])
+    assert state.images_seen == 8 and state.step == 1
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    a = data_indices(10, seed=3, start=0, count=25)
+    assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10))
+    np.testing.assert_array_equal(data_indices(10, 3, 7, 9), a[7:16])
+
+
+def _blob_image(mask: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """An RGB image whose colour encodes the class of each pixel (class c -> a fixed colour)."""
+    palette = torch.tensor(np.random.default_rng(0).uniform(-1, 1, (n_classes, 3)), dtype=torch.float32)
+    return palette[mask].permute(0, 3, 1, 2), palette
+
+
+def test_augmentation_keeps_masks_depth_and_keypoints_aligned():
+    torch.manual_seed(0)
+    b, size, n_classes = 6, 32, 4
+    # Blocky masks (8x8 cells) so that nearest and bilinear resampling agree away from cell borders.
+    cells = torch.randint(0, n_classes, (b, 4, 4))
+    mask = cells.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    image, palette = _blob_image(mask, n_classes)
+    depth = mask[:, None].float() * 0.5 + 1
+    # One keypoint per image at a cell centre, plus the image's (unique) brightest pixel there.
+    keypoints = torch.zeros(b, 2, 3)
+    keypoints[:, 0] = torch.tensor([12.0, 20.0, 1.0])
+    keypoints[:, 1] = torch.tensor([20.0, 12.0, 1.0])
+    gen = torch.Generator().manual_seed(1)
+    out = augment(image, 1.0, gen, masks=mask, depth=depth, keypoints=keypoints,
+                  geometric_ops=("xflip", "rotate90", "translate", "scale", "rotate"), color_ops=())
+    # Colour decoded from the augmented image matches the augmented mask almost everywhere.
+    dist = ((out["images"].permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)
+    agree = (dist.argmin(-1) == out["masks"]).float().mean()
+    assert agree > 0.9
+    assert torch.equal(out["depth"], out["masks"][:, None].float() * 0.5 + 1)
+    # Keypoints land where a warped spike lands.
+    spikes = torch.zeros(b, 1, size, size)
+    for i in range(b):
+        spikes[i, 0, 19, 11] = 1.0  # the pixel whose centre is (11.5, 19.5)
+    m = sample_geometry(b, 1.0, (size, size), torch.Generator().manual_seed(5), ops=("xflip", "rotate90",
+                                                                                      "translate"))
+    moved = warp(spikes, m, mode="nearest")
+    kp = warp_keypoints(torch.tensor([[[11.5, 19.5, 1.0]]]).repeat(b, 1, 1), m, (size, size))
+    for i in range(b):
+        if kp[i, 0, 2] > 0:
+            y, x = divmod(int(moved[i, 0].argmax()), size)
+            assert abs(x + 0.5 - kp[i, 0, 0]) < 1e-4 and abs(y + 0.5 - kp[i, 0, 1]) < 1e-4
+
+
+def test_reflections_swap_left_and_right_keypoints():
+    m = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))[None]  # a pure x-flip
+    kp = torch.tensor([[[4.0, 8.0, 1.0], [12.0, 8.0, 1.0]]])  # 'left' at x=4, 'right' at x=12
+    out = warp_keypoints(kp, m, (16, 16), flip_permutation=torch.tensor([1, 0]))
+    # After the flip, the point called 'left' is the mirrored old 'right' one.
+    torch.testing.assert_close(out, torch.tensor([[[4.0, 8.0, 1.0], [12.0, 8.0, 1.0]]]))
+    out = warp_keypoints(kp, m, (16, 16))
+    torch.testing.assert_close(out, torch.tensor([[[12.0, 8.0, 1.0], [4.0, 8.0, 1.0]]]))
+
+
+def test_augmentation_is_identity_at_zero_and_differentiable():
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    assert augment(x, 0.0)["images"] is x
+    y = augment(x, 1.0, torch.Generator().manual_seed(0))["images"]
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_adaptive_p_follows_the_overfitting_heuristic():
+    ada = AdaptiveAugmentation(p=0.0, target=0.6, speed_images=1000)
+    ada.accumulate(torch.ones(100))  # D sure every real is real: r_t = 1 > 0.6
+    assert ada.update(images_seen=100) == 1.0 and ada.p == pytest.approx(0.1)
+    ada.accumulate(-torch.ones(100))
+    ada.update(images_seen=500)
+    assert ada.p == 0.0
+    fixed = AdaptiveAugmentation(p=0.3, target=None)
+    fixed.accumulate(torch.ones(10))
+    assert fixed.update(1000) is None and fixed.p == 0.3
