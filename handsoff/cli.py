@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "train-encoder": "train a ReStyle-style inversion encoder on generator samples",
-    "invert": "invert labeled real images into W+",
     "fit": "fit the label generator (segmentation, keypoints, depth)",
     "generate": "generate a labeled dataset with uncertainty filtering",
     "train-downstream": "train a downstream network on a dataset",
@@ -137,6 +136,78 @@ def cmd_train_gan(args) -> int:
     last = train_gan(config)
     print(f"latest network: {last} ({time.perf_counter() - t0:.0f} s this session); sample it with "
           f"`handsoff sample --checkpoint {last}`")
+    return 0
+
+
+def _perceptual(args, discriminator):
+    from handsoff.inversion import build_perceptual
+
+    if args.perceptual == "none":
+        return None
+    return build_perceptual(args.perceptual, discriminator, args.lpips_vgg, args.lpips_lin)
+
+
+def cmd_train_encoder(args) -> int:
+    from handsoff.generator import load_networks
+    from handsoff.inversion import save_encoder, train_encoder
+
+    nets = load_networks(args.generator, device=_device(args.device))
+    perceptual = _perceptual(args, nets.discriminator)
+    log: list[dict] = []
+    t0 = time.perf_counter()
+    encoder = train_encoder(nets.generator, perceptual, steps=args.steps, batch=args.batch, lr=args.lr,
+                            iterations=args.iterations, width=args.width, seed=args.seed, log=log)
+    out = save_encoder(encoder, args.out, metadata={
+        "generator": str(args.generator), "perceptual": getattr(perceptual, "name", "none"), "steps": args.steps,
+        "batch": args.batch, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
+        "final_losses": {k: sum(e[k] for e in log[-50:]) / len(log[-50:]) for k in ("latent", "mse", "perceptual")}})
+    from handsoff.fileio import atomic_write_bytes
+
+    atomic_write_bytes(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
+    print(f"wrote encoder {out} ({args.steps} steps in {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from handsoff.data.images import ImageFolder
+    from handsoff.generator import load_networks
+    from handsoff.inversion import invert_images, load_encoder, save_latents, summarize
+    from handsoff.visualize import image_grid, save_image_atomic
+
+    device = _device(args.device)
+    nets = load_networks(args.generator, device=device)
+    G = nets.generator
+    folder = ImageFolder(args.images, G.img_resolution)
+    images = folder.batch(range(len(folder)))
+    perceptual = _perceptual(args, nets.discriminator)
+    encoder = load_encoder(args.encoder, device) if args.encoder else None
+    t0 = time.perf_counter()
+    result = invert_images(G, images, perceptual, encoder, steps=args.steps, lr=args.lr,
+                           lambda_perceptual=args.lambda_perceptual, lambda_mse=args.lambda_mse,
+                           lambda_reg=args.lambda_reg, batch=args.batch)
+    seconds = time.perf_counter() - t0
+    stages = result["stages"]
+    summary = summarize(stages)
+    settings = {"generator": str(args.generator), "images": str(args.images), "encoder": args.encoder,
+                "perceptual": getattr(perceptual, "name", "none"), "steps": args.steps, "lr": args.lr,
+                "lambda_perceptual": args.lambda_perceptual, "lambda_mse": args.lambda_mse,
+                "lambda_reg": args.lambda_reg, "seconds_per_image": seconds / len(images)}
+    out = save_latents(args.out, folder.names, result["ws"], settings)
+    per_image = {name: {stage: {k: float(stages[stage][k][i]) for k in ("mse", "psnr", "perceptual")}
+                        for stage in stages} for i, name in enumerate(folder.names)}
+    from handsoff.fileio import atomic_write_bytes
+
+    report = {"settings": settings, "mean": summary, "images": per_image}
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
+    n = min(len(images), args.sheet_rows)
+    rows = torch.stack([images[:n], stages["encoder"]["reconstructions"][:n],
+                        stages["refined"]["reconstructions"][:n]], 1).reshape(-1, *images.shape[1:])
+    sheet = save_image_atomic(image_grid(rows.clamp(-1, 1), columns=3), out.with_suffix(".png"))
+    print(f"wrote {out} ({len(images)} latents), {out.with_suffix('.json')}, {sheet} (real | encoder | refined)")
+    print(f"{'stage':<10}{'MSE':>10}{'PSNR dB':>10}{'perceptual':>12}")
+    for stage, figs in summary.items():
+        print(f"{stage:<10}{figs['mse']:>10.5f}{figs['psnr']:>10.2f}{figs['perceptual']:>12.4f}")
+    print(f"{seconds / len(images):.2f} s per image")
     return 0
 
 
@@ -258,6 +329,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", type=int, default=T.snapshot_images,
                    help="export a network, a sample grid and the resumable state every this many images")
     p.set_defaults(func=cmd_train_gan)
+
+    def perceptual_args(p):
+        p.add_argument("--perceptual", choices=["discriminator", "lpips", "none"], default="discriminator",
+                       help="perceptual distance: the checkpoint's discriminator features (default), LPIPS-VGG "
+                       "from local weights, or none")
+        p.add_argument("--lpips-vgg", help="torchvision vgg16 state dict (.pth), for --perceptual lpips")
+        p.add_argument("--lpips-lin", help="LPIPS linear heads (the lpips package's vgg.pth), for --perceptual lpips")
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("train-encoder", help="train a ReStyle-style inversion encoder on the generator's samples")
+    p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
+    p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, log.jsonl)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--iterations", type=int, default=5, help="ReStyle refinement iterations")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    perceptual_args(p)
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("invert", help="invert images into W+ (encoder, then optimization)")
+    p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
+    p.add_argument("--images", required=True, help="image folder or labeled dataset")
+    p.add_argument("--out", required=True, help="latents file (.safetensors); .json and .png written beside it")
+    p.add_argument("--encoder", help="encoder folder from train-encoder (default: start from the average latent)")
+    p.add_argument("--steps", type=int, default=500, help="optimization steps (0: encoder only)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lambda-perceptual", type=float, default=10.0)
+    p.add_argument("--lambda-mse", type=float, default=1.0)
+    p.add_argument("--lambda-reg", type=float, default=1.0, help="weight of ||w - w_encoder||^2")
+    p.add_argument("--batch", type=int, default=16, help="images optimized together")
+    p.add_argument("--sheet-rows", type=int, default=16, help="images shown in the reconstruction sheet")
+    perceptual_args(p)
+    p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)

@@ -31,17 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from handsoff.data.layout import DatasetError
+from handsoff.data.images import ImageFolder
 from handsoff.fileio import atomic_save
 from handsoff.generator.augment import AdaptiveAugmentation, augment
 from handsoff.generator.checkpoints import save_networks
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.sampling import latents_for_seeds
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STATE_FILE = "state.pt"
 CONFIG_FILE = "training.json"
 LOG_FILE = "log.jsonl"
@@ -132,45 +130,6 @@ class TrainingConfig:
         d = dict(resolution=self.resolution, channel_base=self.channel_base, channel_max=self.channel_max,
                  **precision)
         return g, d
-
-
-class ImageFolder:
-    """The images of a folder (its ``images/`` subfolder if it is a handsoff labeled dataset), read lazily.
-
-    Every image must be RGB and ``resolution`` x ``resolution``; anything else is an error naming the file.
-    ``batch(indices)`` returns (B, 3, R, R) float32 in [-1, 1].
-    """
-
-    def __init__(self, root: str | Path, resolution: int):
-        root = Path(root)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: training data folder does not exist")
-        folder = root / "images" if (root / "dataset.json").is_file() and (root / "images").is_dir() else root
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DatasetError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-        self.root, self.resolution = folder, resolution
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def read(self, index: int) -> np.ndarray:
-        path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                if im.mode != "RGB":
-                    raise DatasetError(f"{path}: expected an RGB image, got mode {im.mode}")
-                array = np.asarray(im)
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read image ({err})") from err
-        if array.shape != (self.resolution, self.resolution, 3):
-            raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, training resolution is "
-                             f"{self.resolution}x{self.resolution} (resize the data first)")
-        return array
-
-    def batch(self, indices) -> torch.Tensor:
-        arrays = np.stack([self.read(int(i)) for i in indices])
-        return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def data_indices(n_items: int, seed: int, start: int, count: int) -> np.ndarray:

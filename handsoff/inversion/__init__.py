@@ -1,0 +1,111 @@
+"""Inversion: put labeled real images into the generator's W+ space (HandsOff's first stage).
+
+``invert_images`` runs the ReStyle encoder (if one is given) and then latent optimization, and reports per-image
+reconstruction figures for the average latent, the encoder and the refined latent. Latents are stored as one
+safetensors file: a (n_latent, w_dim) float32 tensor per image, keyed by the image's name, with the settings
+(generator, perceptual distance, steps) in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from handsoff.data.layout import DatasetError
+from handsoff.fileio import atomic_save
+from handsoff.inversion.encoder import ReStyleEncoder, encode, load_encoder, save_encoder, train_encoder
+from handsoff.inversion.optimize import reconstruction_losses, refine_latents
+from handsoff.inversion.perceptual import LPIPS, DiscriminatorFeatureDistance, build_perceptual
+
+__all__ = ["LPIPS", "DiscriminatorFeatureDistance", "ReStyleEncoder", "build_perceptual", "encode",
+           "invert_images", "load_encoder", "load_latents", "psnr", "refine_latents", "save_encoder",
+           "save_latents", "train_encoder"]
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB for MSE of images in [0, 1]."""
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def _figures(G, ws: torch.Tensor, images: torch.Tensor, perceptual, batch: int = 32) -> tuple[dict, torch.Tensor]:
+    mse, perc, recon = [], [], []
+    for i in range(0, len(images), batch):
+        m, p, r = reconstruction_losses(G, ws[i:i + batch].to(G.w_avg.device), images[i:i + batch].to(G.w_avg.device),
+                                        perceptual)
+        mse.append(m.cpu())
+        perc.append(p.cpu())
+        recon.append(r.cpu())
+    mse_t = torch.cat(mse)
+    return {"mse": mse_t, "psnr": psnr(mse_t), "perceptual": torch.cat(perc)}, torch.cat(recon)
+
+
+def invert_images(G, images: torch.Tensor, perceptual, encoder: ReStyleEncoder | None = None, *,
+                  steps: int = 500, lr: float = 0.1, lambda_perceptual: float = 10.0, lambda_mse: float = 1.0,
+                  lambda_reg: float = 1.0, batch: int = 16, progress: bool = True) -> dict:
+    """Invert images (N, 3, R, R) in [-1, 1].
+
+    Returns a dict: ws (N, n_latent, w_dim) refined latents; stages {"average", "encoder", "refined"} each
+    with per-image mse / psnr / perceptual tensors (N,) and reconstructions (N, 3, R, R); steps == 0 skips
+    refinement (refined = encoder).
+    """
+    device = G.w_avg.device
+    w_avg = G.w_avg[None, None].expand(len(images), G.n_latent, -1).cpu()
+    stages = {}
+    stages["average"], recon_avg = _figures(G, w_avg, images, perceptual)
+    stages["average"]["reconstructions"] = recon_avg
+    if encoder is not None:
+        with torch.no_grad():
+            ws_enc = torch.cat([encode(encoder, G, images[i:i + batch].to(device)).cpu()
+                                for i in range(0, len(images), batch)])
+    else:
+        ws_enc = w_avg.clone()
+    stages["encoder"], recon_enc = _figures(G, ws_enc, images, perceptual)
+    stages["encoder"]["reconstructions"] = recon_enc
+    if steps > 0:
+        refined = refine_latents(G, images, ws_enc, perceptual, steps=steps, lr=lr,
+                                 lambda_perceptual=lambda_perceptual, lambda_mse=lambda_mse, lambda_reg=lambda_reg,
+                                 batch=batch, progress=progress)
+        ws = refined["ws"]
+    else:
+        ws = ws_enc
+    stages["refined"], recon_ref = _figures(G, ws, images, perceptual)
+    stages["refined"]["reconstructions"] = recon_ref
+    return {"ws": ws, "ws_encoder": ws_enc, "stages": stages}
+
+
+def save_latents(path: str | os.PathLike, names: list[str], ws: torch.Tensor, metadata: dict) -> Path:
+    """One (n_latent, w_dim) tensor per name; ``metadata`` (JSON-able) goes into the file header."""
+    if len(names) != len(ws):
+        raise ValueError(f"{len(names)} names for {len(ws)} latents")
+    tensors = {name: ws[i].detach().float().cpu().contiguous() for i, name in enumerate(names)}
+    header = {"handsoff": json.dumps(metadata)}
+    return atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def load_latents(path: str | os.PathLike) -> tuple[list[str], torch.Tensor, dict]:
+    """(names sorted, ws (N, n_latent, w_dim), metadata) from a file written by ``save_latents``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: latents file not found (make one with `handsoff invert`)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = sorted(f.keys())
+            ws = torch.stack([f.get_tensor(n) for n in names]) if names else torch.empty(0)
+            meta = json.loads((f.metadata() or {}).get("handsoff", "{}"))
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        raise DatasetError(f"{path}: not a latents file ({e})") from None
+    if ws.ndim != 3:
+        raise DatasetError(f"{path}: latents must be (n_latent, w_dim) per image, got {tuple(ws.shape[1:])}")
+    return names, ws, meta
+
+
+def summarize(stages: dict) -> dict:
+    """Mean mse / psnr / perceptual per stage (plain floats)."""
+    return {stage: {k: float(v.mean()) for k, v in figs.items() if k != "reconstructions"}
+            for stage, figs in stages.items()}
