@@ -8,8 +8,15 @@ from PIL import Image
 from handsoff import save_networks
 from handsoff.cli import main
 from handsoff.generator import CheckpointError
-from handsoff.inversion import (LPIPS, DiscriminatorFeatureDistance, encode, load_latents, refine_latents,
-                                save_latents, train_encoder)
+from handsoff.inversion import (
+    LPIPS,
+    DiscriminatorFeatureDistance,
+    encode,
+    load_latents,
+    refine_latents,
+    save_latents,
+    train_encoder,
+)
 from handsoff.inversion.optimize import learning_rate, reconstruction_losses
 from handsoff.inversion.perceptual import LPIPS_CHANNELS, vgg16_features
 

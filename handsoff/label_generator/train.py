@@ -1,0 +1,160 @@
+"""Fitting the label generator on inverted labeled images.
+
+Each step draws ``images_per_step`` images and ``pixels_per_image`` label pixels of each, reads the generator's
+features at those pixels through the factorized first layer, and sums the tasks' losses (every member sees the
+same pixels; members differ by initialization, as in HandsOff). Generator features are computed once per image
+and cached at native resolution (a few MB per image at 64 px; ``cache_gb`` bounds the cache, beyond which they
+are recomputed per step), so memory is bounded by the native maps and the sampled pixels, never by C x L x L.
+
+Early stopping follows HandsOff: stop when the (smoothed) training loss has not improved for ``patience``
+steps, after ``min_steps``. The run directory holds ``state.pt`` (resumable) and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from handsoff.fileio import atomic_save
+from handsoff.label_generator.model import LabelGenerator
+from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
+
+STATE_FILE = "state.pt"
+
+
+def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, keypoint_sigma: float = 1.5
+                ) -> list:
+    """Task objects for task names from a dataset card (classes, keypoint names), with clear errors."""
+    tasks = []
+    for name in names:
+        if name == "seg":
+            if card.classes is None:
+                raise ValueError("task seg: the labeled dataset has no masks (dataset.json lists no classes)")
+            tasks.append(Segmentation(card.classes, min_class_pixels))
+        elif name == "kp":
+            if card.keypoint_names is None:
+                raise ValueError("task kp: the labeled dataset has no keypoints")
+            tasks.append(Keypoints(card.keypoint_names, sigma=keypoint_sigma))
+        elif name == "depth":
+            if card.depth_format is None:
+                raise ValueError("task depth: the labeled dataset has no depth maps")
+            tasks.append(Depth())
+    return tasks
+
+
+class PixelData:
+    """Per-image latents, prepared per-task targets and (cached) generator features for training."""
+
+    def __init__(self, model: LabelGenerator, ws: torch.Tensor, samples: list[dict], cache_gb: float = 4.0):
+        self.model, self.ws, self.samples = model, ws, samples
+        size = model.label_size
+        for task in model.tasks:
+            if isinstance(task, Depth):
+                task.fit_normalization([s["depth"] for s in samples])
+        self.targets = [{t.name: t.prepare(s, size) for t in model.tasks} for s in samples]
+        G = model.G
+        per_image = sum(c * r * r for c, r in zip(G.synthesis.feature_channels, G.synthesis.feature_resolutions))
+        self.cache = len(samples) * per_image * 4 / 2**30 <= cache_gb
+        self._features: list[list[torch.Tensor]] | None = None
+        if self.cache:
+            self._features = [[f.float() for f in model.features(ws[i:i + 1])[1]] for i in range(len(ws))]
+
+    def features(self, indices: list[int]) -> list[torch.Tensor]:
+        if self._features is not None:
+            return [torch.cat([self._features[i][j] for i in indices]) for j in range(len(self._features[0]))]
+        return [f.float() for f in self.model.features(self.ws[indices])[1]]
+
+
+def training_loss(model: LabelGenerator, data: PixelData, indices: list[int], pixel_indices: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed task losses at label pixels ``pixel_indices`` (B, P) of images ``indices``."""
+    from handsoff.label_generator.features import pixel_points
+
+    size = model.label_size
+    out = model.outputs_at(data.features(indices), pixel_points(pixel_indices, size))  # (B, P, M, O)
+    total, parts = 0.0, {}
+    for task in model.tasks:
+        sl = model.slices[task.name]
+        targets = torch.cat([task.targets(data.targets[i][task.name], pixel_indices[k], size)
+                             for k, i in enumerate(indices)])
+        outputs = out[..., sl].reshape(-1, out.shape[2], task.out_channels)
+        loss = task.loss(outputs, targets)
+        parts[task.name] = float(loss.detach())
+        total = total + loss
+    return total, parts
+
+
+def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], out_dir: str | Path, *,
+                        max_steps: int = 3000, min_steps: int = 300, patience: int = 200,
+                        images_per_step: int = 4, pixels_per_image: int = 1024, lr: float = 1e-3, seed: int = 0,
+                        checkpoint_every: int = 250, cache_gb: float = 4.0, progress: bool = True) -> dict:
+    """Train the ensemble of ``model`` on (ws[i], samples[i]) pairs; resumes from ``out_dir/state.pt``.
+
+    Returns a summary: steps run, final smoothed loss per task, constant-prediction losses, stop reason.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    data = PixelData(model, ws, samples, cache_gb)
+    size, n = model.label_size, len(samples)
+    pixels_per_image = min(pixels_per_image, size * size)
+    opt = torch.optim.Adam(model.ensemble.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    step, best, since_best, smoothed = 0, math.inf, 0, None
+    log: list[dict] = []
+    state_path = out_dir / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.ensemble.load_state_dict(state["ensemble"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, best, since_best, smoothed = state["step"], state["best"], state["since_best"], state["smoothed"]
+        log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()
+               if line.strip()][:step] if (out_dir / "log.jsonl").exists() else []
+    # Constant-prediction losses on a sample of pixels: the bar a useful model must clear.
+    probe_idx = torch.randint(0, size * size, (min(n, 16), pixels_per_image), generator=torch.Generator()
+                              .manual_seed(seed + 1))
+    baselines = {t.name: t.constant_loss(torch.cat([t.targets(data.targets[i][t.name], probe_idx[k], size)
+                                                    for k, i in enumerate(range(min(n, 16)))]))
+                 for t in model.tasks}
+    model.ensemble.train()
+    reason = "max_steps"
+    with tqdm(total=max_steps, initial=step, desc="fitting label generator", unit="step",
+              disable=not progress) as bar:
+        while step < max_steps:
+            indices = torch.randperm(n, generator=gen)[:min(images_per_step, n)].tolist()
+            pixel_idx = torch.randint(0, size * size, (len(indices), pixels_per_image), generator=gen)
+            loss, parts = training_loss(model, data, indices, pixel_idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            value = float(loss.detach())
+            smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+            if smoothed < best * (1 - 1e-3):
+                best, since_best = smoothed, 0
+            else:
+                since_best += 1
+            log.append({"step": step, "loss": value, **parts})
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            stop = step >= min_steps and since_best >= patience
+            if step % checkpoint_every == 0 or stop or step >= max_steps:
+                state = {"ensemble": model.ensemble.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                         "step": step, "best": best, "since_best": since_best, "smoothed": smoothed}
+                atomic_save(out_dir / "log.jsonl",
+                            lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in log)))
+                atomic_save(state_path, lambda tmp: torch.save(state, tmp))
+            if stop:
+                reason = f"no improvement for {patience} steps"
+                break
+    model.eval()
+    recent = log[-50:]
+    final = {t.name: float(np.mean([e[t.name] for e in recent])) for t in model.tasks} if recent else {}
+    return {"steps": step, "stop_reason": reason, "final_loss": final, "constant_loss": baselines,
+            "images": n, "pixels_per_step": images_per_step * pixels_per_image}

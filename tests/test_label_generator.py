@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import torch
+
+from handsoff.label_generator import (
+    Depth,
+    Keypoints,
+    LabelGenerator,
+    Segmentation,
+    fit_label_generator,
+    load_label_generator,
+    parse_task_names,
+    save_label_generator,
+)
+from handsoff.label_generator.features import materialized_hypercolumns, pixel_grid
+
+
+def _latents(G, n, seed=0):
+    with torch.no_grad():
+        return G.mapping(torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed)), truncation_psi=0.7)
+
+
+@pytest.mark.parametrize("label_size", [16, 64, 96])
+def test_factorized_first_layer_equals_materialized_hypercolumns(tiny_generator, label_size):
+    torch.manual_seed(0)
+    model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"])], label_size, members=3, hidden=16,
+                           hidden2=8).eval()
+    _, feats = model.features(_latents(tiny_generator, 2))
+    factorized = model.dense_outputs(feats, tile_pixels=500)                 # (B, M, O, L, L)
+    hyper = materialized_hypercolumns(feats, label_size)                     # (B, C, L, L)
+    rows = hyper.permute(0, 2, 3, 1).reshape(-1, hyper.shape[1])
+    with torch.no_grad():
+        reference = model.ensemble(rows).reshape(2, label_size, label_size, 3, 3).permute(0, 3, 4, 1, 2)
+    torch.testing.assert_close(factorized, reference, rtol=1e-4, atol=1e-5)
+
+
+def _synthetic_samples(G, ws, size):
+    """Labels that are known functions of the hypercolumns: seg = argmax of 3 fixed projections, depth =
+    exp(projection), one keypoint at the argmax of another projection."""
+    with torch.no_grad():
+        _, feats = G.synthesis(ws, return_features=True)
+        hyper = materialized_hypercolumns(feats, size)
+    proj = torch.randn(5, hyper.shape[1], generator=torch.Generator().manual_seed(7))
+    z = torch.einsum("kc,bchw->bkhw", proj, hyper)
+    z = (z - z.mean(dim=(0, 2, 3), keepdim=True)) / z.std(dim=(0, 2, 3), keepdim=True)
+    samples = []
+    for i in range(len(ws)):
+        kp_idx = int(z[i, 4].argmax())
+        samples.append({"name": f"s{i}", "image": np.zeros((size, size, 3), np.uint8),
+                        "mask": z[i, :3].argmax(0).numpy(), "depth": torch.exp(0.3 * z[i, 3]).numpy(),
+                        "keypoints": np.array([[kp_idx % size + 0.5, kp_idx // size + 0.5, 2.0]], np.float32)})
+    return samples
+
+
+def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_path):
+    G = tiny_generator
+    ws = _latents(G, 6)
+    samples = _synthetic_samples(G, ws, 32)
+    tasks = [Segmentation(["a", "b", "c"], min_class_pixels=1), Keypoints(["k"], sigma=2.0), Depth()]
+    torch.manual_seed(0)
+    model = LabelGenerator(G, tasks, 32, members=2, hidden=64, hidden2=16)
+    summary = fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=250, min_steps=250,
+                                  images_per_step=3, pixels_per_image=512, lr=3e-3, progress=False)
+    for task in ("seg", "depth"):
+        assert summary["final_loss"][task] < 0.5 * summary["constant_loss"][task], summary
+    assert summary["final_loss"]["kp"] < summary["constant_loss"]["kp"], summary
+    # Saved, resumed (nothing left to do), reloaded: same predictions.
+    path = save_label_generator(model, tmp_path / "lg")
+    again = load_label_generator(path, generator=G)
+    a, b = model.predict(ws[:2]), again.predict(ws[:2])
+    torch.testing.assert_close(a["seg"][0]["label"], b["seg"][0]["label"])
+    torch.testing.assert_close(a["depth"][1]["label"], b["depth"][1]["label"])
+    assert a["kp"][0]["label"].shape == (1, 3) and a["seg"][0]["uncertainty"].shape == (32, 32)
+    summary = fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=250, progress=False)
+    assert summary["steps"] == 250
+
+
+def test_jensen_shannon_uncertainty():
+    seg = Segmentation(["a", "b", "c"])
+    logits = torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)  # 4 members that agree
+    out = seg.decode(logits)
+    assert torch.allclose(out["uncertainty"], torch.zeros(4, 4), atol=1e-6) and out["score"] < 1e-6
+    disagree = logits.clone()
+    disagree[0, 0] += 10
+    disagree[1, 1] += 10
+    out = seg.decode(disagree)
+    assert (out["uncertainty"] > 1e-3).all() and out["score"] > 0
+    # Mode vote: 2 of 4 members vote for class 2 everywhere, 1 for class 0, 1 for class 1.
+    votes = torch.zeros(4, 3, 2, 2)
+    votes[0, 0] = votes[1, 1] = 5
+    votes[2, 2] = votes[3, 2] = 5
+    assert (seg.decode(votes)["label"] == 2).all()
+
+
+def test_keypoint_decoding_recovers_a_planted_peak():
+    kp = Keypoints(["a", "b"], sigma=1.5)
+    size = 32
+    truth = torch.tensor([[10.3, 20.7, 2.0], [25.55, 4.45, 2.0]])
+    heat = kp.heatmap_at(truth, torch.arange(size * size), size).t().reshape(2, size, size)
+    out = kp.decode(heat[None].repeat(3, 1, 1, 1))
+    err = (out["label"][:, :2] - truth[:, :2]).norm(dim=1)
+    assert (err < 0.5).all(), err
+    assert (out["label"][:, 2] == 2).all() and torch.allclose(out["spread"], torch.zeros(2))
+    out = kp.decode(torch.zeros(3, 2, size, size))
+    assert (out["label"][:, 2] == 0).all()  # no peak: not visible
+
+
+def test_depth_transform_round_trips():
+    depth = Depth()
+    depth.fit_normalization([np.array([[1.0, 2.0], [4.0, np.inf]]), np.array([[8.0, 0.0], [3.0, 5.0]])])
+    d = torch.tensor([0.5, 1.0, 3.0, 100.0])
+    torch.testing.assert_close(depth.inverse(depth.forward_transform(d)), d)
+    t = depth.prepare({"name": "x", "depth": np.array([[1.0, np.nan], [0.0, 2.0]], np.float32)}, 2)
+    assert torch.isnan(t[1]) and torch.isnan(t[2]) and torch.isfinite(t[[0, 3]]).all()
+
+
+def test_small_classes_become_background_and_task_names_parse():
+    seg = Segmentation(["bg", "a", "b"], min_class_pixels=3)
+    mask = np.zeros((4, 4), np.int64)
+    mask[0, :3] = 1
+    mask[3, 3] = 2
+    cleaned = seg.clean_mask(mask)
+    assert (cleaned[0, :3] == 1).all() and cleaned[3, 3] == 0
+    assert parse_task_names("seg, keypoints,depth,seg") == ["seg", "kp", "depth"]
+    with pytest.raises(ValueError, match="unknown task 'normals'"):
+        parse_task_names("seg,normals")
+
+
+def test_pixel_grid_matches_interpolate_centres():
+    grid = pixel_grid(4)
+    assert grid.shape == (16, 2)
+    torch.testing.assert_close(grid[0], torch.tensor([-0.75, -0.75]))
+    torch.testing.assert_close(grid[-1], torch.tensor([0.75, 0.75]))
