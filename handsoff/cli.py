@@ -25,7 +25,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "fit": "fit the label generator (segmentation, keypoints, depth)",
     "generate": "generate a labeled dataset with uncertainty filtering",
     "train-downstream": "train a downstream network on a dataset",
     "evaluate": "evaluate a downstream network on real labeled images",
@@ -211,6 +210,62 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from handsoff.data.layout import DatasetError, LabeledFolder, default_color
+    from handsoff.generator import load_generator
+    from handsoff.inversion import load_latents
+    from handsoff.label_generator import (LabelGenerator, build_tasks, fit_label_generator, parse_task_names,
+                                          save_label_generator)
+    from handsoff.label_generator.model import prediction_sample
+    from handsoff.visualize import label_panels, save_image_atomic, strip_sheet
+
+    device = _device(args.device)
+    G = load_generator(args.generator, device=device)
+    names, ws, latent_meta = load_latents(args.latents)
+    if ws.shape[1:] != (G.n_latent, G.w_dim):
+        raise DatasetError(f"{args.latents}: latents are {tuple(ws.shape[1:])}, the generator needs "
+                           f"({G.n_latent}, {G.w_dim})")
+    labels = LabeledFolder(args.labels)
+    missing = [n for n in names if n not in labels.image_paths]
+    if missing:
+        raise DatasetError(f"{args.labels}: no labeled image for latents {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} (latent keys must be the image names)")
+    unlabeled = sorted(set(labels.names) - set(names))
+    if unlabeled:
+        print(f"note: {len(unlabeled)} labeled images have no latent and are not used (e.g. {unlabeled[0]})")
+    samples = [labels.load(n) for n in names]
+    size = args.label_size or (samples[0]["mask"].shape[0] if "mask" in samples[0] else samples[0]["image"].shape[0])
+    try:
+        tasks = build_tasks(parse_task_names(args.tasks), labels.card, keypoint_sigma=args.keypoint_sigma)
+    except ValueError as e:
+        raise DatasetError(f"{args.labels}: {e}") from None
+    torch.manual_seed(args.seed)
+    model = LabelGenerator(G, tasks, size, members=args.members, hidden=args.hidden, hidden2=args.hidden2,
+                           generator_ref=str(args.generator)).to(device)
+    t0 = time.perf_counter()
+    summary = fit_label_generator(model, ws.to(device), samples, args.out, max_steps=args.max_steps,
+                                  min_steps=args.min_steps, patience=args.patience,
+                                  images_per_step=args.images_per_step, pixels_per_image=args.pixels, lr=args.lr,
+                                  seed=args.seed)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    out = save_label_generator(model, args.out, metadata={"latents": str(args.latents), "labels": str(args.labels),
+                                                          "inversion": latent_meta, "fit": summary})
+    colors = labels.card.colors or [default_color(i) for i in range(len(labels.card.classes or []))]
+    n = min(8, len(names))
+    result = model.predict(ws[:n].to(device))
+    strips = []
+    for i in range(n):
+        real = {k: v for k, v in samples[i].items() if k in ("image", "mask", "depth", "keypoints")}
+        strips += [label_panels(real, colors), label_panels(prediction_sample(result, i), colors)]
+    sheet = save_image_atomic(strip_sheet(strips, columns=2), Path(out) / "preview.png")
+    print(f"wrote {out} ({summary['steps']} steps, {summary['stop_reason']}, {summary['seconds']:.0f} s); "
+          f"preview {sheet} (left: real labels, right: label generator on the reconstruction)")
+    for task in summary["final_loss"]:
+        print(f"  {task}: loss {summary['final_loss'][task]:.4f} (constant prediction "
+              f"{summary['constant_loss'][task]:.4f})")
+    return 0
+
+
 def cmd_render_heads(args) -> int:
     from handsoff.domains.heads import write_heads_dataset
 
@@ -364,6 +419,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-rows", type=int, default=16, help="images shown in the reconstruction sheet")
     perceptual_args(p)
     p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("fit", help="fit the label generator on inverted labeled images (seg, kp, depth)")
+    p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
+    p.add_argument("--latents", required=True, help="latents file from `handsoff invert`")
+    p.add_argument("--labels", required=True, help="labeled dataset (standard layout) with the same image names")
+    p.add_argument("--tasks", default="seg", help="comma-separated: seg, kp, depth")
+    p.add_argument("--out", required=True, help="label generator folder (resumes if it holds state.pt)")
+    p.add_argument("--label-size", type=int, default=None, help="label resolution (default: the masks' size)")
+    p.add_argument("--members", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden2", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--min-steps", type=int, default=300)
+    p.add_argument("--patience", type=int, default=200, help="early stop after this many steps without "
+                   "improvement of the smoothed loss")
+    p.add_argument("--images-per-step", type=int, default=4)
+    p.add_argument("--pixels", type=int, default=1024, help="label pixels sampled per image per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--keypoint-sigma", type=float, default=1.5, help="heatmap sigma in label pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)

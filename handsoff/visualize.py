@@ -88,7 +88,11 @@ def contact_sheet(folder, n: int = 16, columns: int = 2, scale: int = 2) -> Imag
 
     card = folder.card
     colors = card.colors or [tuple(default_color(i)) for i in range(len(card.classes or []))]
-    strips = [label_panels(folder.load(name), colors, scale) for name in folder.names[:n]]
+    return strip_sheet([label_panels(folder.load(name), colors, scale) for name in folder.names[:n]], columns)
+
+
+def strip_sheet(strips: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Equal-sized strips (e.g. from ``label_panels``) in a grid of ``columns``, on white."""
     sw, sh = strips[0].size
     rows = -(-len(strips) // columns)
     sheet = Image.new("RGB", (columns * (sw + 4) + 4, rows * (sh + 4) + 4), (255, 255, 255))

@@ -131,3 +131,34 @@ def test_pixel_grid_matches_interpolate_centres():
     assert grid.shape == (16, 2)
     torch.testing.assert_close(grid[0], torch.tensor([-0.75, -0.75]))
     torch.testing.assert_close(grid[-1], torch.tensor([0.75, 0.75]))
+
+
+def test_fit_command_end_to_end(tmp_path, tiny_generator, tiny_discriminator, capsys):
+    """render labeled heads -> invert (few steps) -> fit all three tasks -> reload and predict."""
+    from handsoff import save_networks
+    from handsoff.cli import main
+    from handsoff.domains.heads import write_heads_dataset
+
+    ckpt = save_networks(tmp_path / "g", tiny_generator, tiny_discriminator)
+    labels = write_heads_dataset(tmp_path / "labeled", 3, seed=0, size=64, progress=False)
+    latents = tmp_path / "latents.safetensors"
+    assert main(["invert", "--generator", str(ckpt), "--images", str(labels), "--out", str(latents),
+                 "--steps", "2", "--device", "cpu"]) == 0
+    out = tmp_path / "lg"
+    assert main(["fit", "--generator", str(ckpt), "--latents", str(latents), "--labels", str(labels),
+                 "--tasks", "seg,kp,depth", "--out", str(out), "--members", "2", "--hidden", "16", "--hidden2", "8",
+                 "--max-steps", "5", "--min-steps", "5", "--pixels", "64", "--device", "cpu"]) == 0
+    assert (out / "preview.png").is_file() and (out / "state.pt").is_file()
+    model = load_label_generator(out)
+    assert [t.name for t in model.tasks] == ["seg", "kp", "depth"] and model.label_size == 64
+    result = model.predict(torch.zeros(1, tiny_generator.n_latent, tiny_generator.w_dim))
+    assert result["kp"][0]["label"].shape == (12, 3)
+    assert "constant prediction" in capsys.readouterr().out
+    # Latents of a different generator are refused with the file named.
+    bad = tmp_path / "bad.safetensors"
+    from handsoff.inversion import save_latents
+
+    save_latents(bad, ["0000_0000000"], torch.zeros(1, 3, 5), {})
+    assert main(["fit", "--generator", str(ckpt), "--latents", str(bad), "--labels", str(labels),
+                 "--out", str(tmp_path / "lg2")]) == 1
+    assert "bad.safetensors: latents are (3, 5)" in capsys.readouterr().err

@@ -129,6 +129,21 @@ class LabelGenerator(nn.Module):
         return self.predict(self.G.mapping(z.to(self.G.w_avg.device), truncation_psi=truncation_psi))
 
 
+def prediction_sample(result: dict, i: int) -> dict:
+    """Sample ``i`` of a ``predict`` result in the labeled-data layout's form: image (R, R, 3) uint8 and, per task
+    present, mask (L, L) int64, keypoints (K, 3) float32 (COCO visibility), depth (L, L) float32."""
+    from handsoff.visualize import to_uint8
+
+    sample = {"image": to_uint8(result["images"][i:i + 1])[0]}
+    if "seg" in result:
+        sample["mask"] = result["seg"][i]["label"].cpu().numpy().astype("int64")
+    if "kp" in result:
+        sample["keypoints"] = result["kp"][i]["label"].cpu().numpy().astype("float32")
+    if "depth" in result:
+        sample["depth"] = result["depth"][i]["label"].cpu().numpy().astype("float32")
+    return sample
+
+
 def save_label_generator(model: LabelGenerator, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     """``out_dir/config.json`` + ``out_dir/model.safetensors`` (the ensemble only; the generator is referenced)."""
     out_dir = Path(out_dir)
