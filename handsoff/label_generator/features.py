@@ -70,20 +70,38 @@ def _sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return out[:, :, 0].transpose(1, 2)
 
 
+def _group_maps(features: list[torch.Tensor], g: FeatureGroup, dtype: torch.dtype) -> torch.Tensor:
+    f = torch.cat([features[i] for i in g.maps], 1) if len(g.maps) > 1 else features[g.maps[0]]
+    return f.to(dtype)
+
+
+def native_first_layer(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
+                       which: list[int]) -> dict[int, torch.Tensor]:
+    """W_g applied at native resolution for the groups listed in ``which``: {group index: (B, O, r, r)}."""
+    return {i: torch.einsum("oc,bchw->bohw", weight[:, groups[i].start:groups[i].stop],
+                            _group_maps(features, groups[i], weight.dtype)) for i in which}
+
+
 def first_layer_at(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                   bias: torch.Tensor | None, points: torch.Tensor) -> torch.Tensor:
-    """weight (O, C) applied to the hypercolumns at ``points`` (B, P, 2), without materializing them: (B, P, O)."""
+                   bias: torch.Tensor | None, points: torch.Tensor,
+                   native: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """weight (O, C) applied to the hypercolumns at ``points`` (B, P, 2), without materializing them: (B, P, O).
+
+    Per group, the cheaper order is used: groups in ``native`` (precomputed by ``native_first_layer``, e.g. once
+    for all tiles of an image) are sampled after W_g; by default that is every group with at most P native
+    pixels. The other groups' features are sampled at the points and W_g is applied to the samples.
+    """
     b, p = points.shape[:2]
+    if native is None:
+        native = native_first_layer(features, groups, weight, [i for i, g in enumerate(groups)
+                                                               if g.resolution**2 <= p])
     out = torch.zeros(b, p, weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None \
         else bias.expand(b, p, -1).clone()
-    for g in groups:
-        f = torch.cat([features[i] for i in g.maps], 1) if len(g.maps) > 1 else features[g.maps[0]]
-        f = f.to(weight.dtype)
-        w = weight[:, g.start:g.stop]
-        if g.resolution**2 <= p:   # few native pixels: apply W_g there, then sample the O-wide result
-            out = out + _sample(torch.einsum("oc,bchw->bohw", w, f), points)
-        else:                      # few points: sample the features, apply W_g to the samples
-            out = out + _sample(f, points) @ w.t()
+    for i, g in enumerate(groups):
+        if i in native:
+            out = out + _sample(native[i], points)
+        else:
+            out = out + _sample(_group_maps(features, g, weight.dtype), points) @ weight[:, g.start:g.stop].t()
     return out
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from handsoff.fileio import atomic_save
-from handsoff.label_generator.features import feature_groups, first_layer_at, pixel_grid
+from handsoff.label_generator.features import feature_groups, first_layer_at, native_first_layer, pixel_grid
 from handsoff.label_generator.tasks import task_from_config
 
 
@@ -88,25 +88,39 @@ class LabelGenerator(nn.Module):
         with torch.no_grad():
             return self.G.synthesis(ws, noise_mode="const", return_features=True)
 
-    def outputs_at(self, features: list[torch.Tensor], points: torch.Tensor) -> torch.Tensor:
+    def outputs_at(self, features: list[torch.Tensor], points: torch.Tensor,
+                   native: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Ensemble outputs at label points (B, P, 2): (B, P, M, out_channels)."""
         b, p = points.shape[:2]
         e = self.ensemble
-        h = first_layer_at(features, self.groups, e.weight1, e.bias1, points)
+        h = first_layer_at(features, self.groups, e.weight1, e.bias1, points, native)
         return e.forward_hidden(h.reshape(b * p, -1)).reshape(b, p, e.members, -1)
 
     @torch.no_grad()
-    def dense_outputs(self, features: list[torch.Tensor], tile_pixels: int = 16384) -> torch.Tensor:
-        """Outputs at every label pixel, computed in tiles of rows: (B, M, out_channels, L, L)."""
+    def dense_outputs(self, features: list[torch.Tensor], tile_pixels: int = 16384,
+                      native_budget_gb: float = 2.0) -> torch.Tensor:
+        """Outputs at every label pixel, computed in tiles of rows: (B, M, out_channels, L, L).
+
+        Groups with fewer native pixels than label pixels get W_g applied once at native resolution (shared by
+        all tiles) while the results fit in ``native_budget_gb``; the others are sampled per tile.
+        """
         self.eval()
         size = self.label_size
         rows_per_tile = max(1, tile_pixels // size)
         device = self.ensemble.weight1.device
+        batch, width = features[0].shape[0], self.ensemble.weight1.shape[0]
+        which, budget = [], native_budget_gb * 2**30
+        for i, g in sorted(enumerate(self.groups), key=lambda t: t[1].resolution):
+            cost = batch * width * g.resolution**2 * 4
+            if g.resolution < size and cost <= budget:
+                which.append(i)
+                budget -= cost
+        native = native_first_layer(features, self.groups, self.ensemble.weight1, which)
         tiles = []
         for r0 in range(0, size, rows_per_tile):
             grid = pixel_grid(size, slice(r0, r0 + rows_per_tile), device)
-            points = grid[None].expand(features[0].shape[0], -1, -1)
-            tiles.append(self.outputs_at(features, points))
+            points = grid[None].expand(batch, -1, -1)
+            tiles.append(self.outputs_at(features, points, native))
         out = torch.cat(tiles, 1)  # (B, L*L, M, O)
         b, _, m, o = out.shape
         return out.permute(0, 2, 3, 1).reshape(b, m, o, size, size)

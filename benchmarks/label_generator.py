@@ -1,0 +1,169 @@
+"""Label generator cost: factorized hypercolumn vs materialized, per image and for training memory.
+
+    python benchmarks/label_generator.py                       # FFHQ config-f layout @ 512 px labels + heads-64
+    python benchmarks/label_generator.py --skip-ffhq           # only the shipped heads generator
+
+Each measurement runs in its own subprocess (so peak RSS is its own), with the tuned allocator:
+
+* predict: features (G synthesis) + a 10-member 256/32 ensemble at every label pixel, per image.
+  factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group, tiles of pixels);
+  materialized = every feature map resized to the label size and concatenated (C x L x L), then the ensemble
+  on each pixel's hypercolumn (the official code's design), run only where it fits in memory.
+* train: peak RSS of ``fit_label_generator`` on 50 images (a few steps), next to the size of the materialized
+  design's hypercolumns for the same 50 images (C x L x L x 4 bytes each, what the official code holds in RAM).
+
+FFHQ uses random weights (speed and memory do not depend on them). The last line,
+``factorized speedup: N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+FFHQ = dict(resolution=1024, z_dim=512, w_dim=512, n_mlp=8, channel_base=32768, channel_max=512)
+
+
+def _generator(which: str):
+    import torch
+
+    from handsoff.generator import Generator, load_generator
+
+    if which == "ffhq":
+        torch.manual_seed(0)
+        return Generator(**FFHQ, num_fp16_res=4).eval().requires_grad_(False)
+    return load_generator("heads-64")
+
+
+def _model(G, label_size: int, classes: int = 8):
+    import torch
+
+    from handsoff.label_generator import LabelGenerator, Segmentation
+
+    torch.manual_seed(0)
+    return LabelGenerator(G, [Segmentation([str(i) for i in range(classes)])], label_size).eval()
+
+
+def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
+    import torch
+
+    from handsoff.label_generator.features import materialized_hypercolumns
+
+    G = _generator(which)
+    model = _model(G, label_size)
+    ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)))
+    times = {"features": 0.0, "ensemble": 0.0}
+    with torch.no_grad():
+        for rep in range(reps + 1):  # the first repetition warms up and is not counted
+            t0 = time.perf_counter()
+            _, feats = model.features(ws)
+            t1 = time.perf_counter()
+            if mode == "factorized":
+                out = model.dense_outputs(feats)
+            else:
+                hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
+                rows = hyper.reshape(hyper.shape[0], -1).t()
+                out = torch.cat([model.ensemble(rows[i:i + 16384]) for i in range(0, len(rows), 16384)])
+                del hyper, rows
+            t2 = time.perf_counter()
+            if rep:
+                times["features"] += (t1 - t0) / reps
+                times["ensemble"] += (t2 - t1) / reps
+            del out
+    channels = sum(G.synthesis.feature_channels)
+    return {**times, "total": times["features"] + times["ensemble"], "channels": channels,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def measure_train(which: str, label_size: int, images: int, steps: int) -> dict:
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from handsoff.label_generator import fit_label_generator
+
+    G = _generator(which)
+    model = _model(G, label_size)
+    ws = G.mapping(torch.randn(images, G.z_dim, generator=torch.Generator().manual_seed(2)))
+    rng = np.random.default_rng(0)
+    samples = [{"name": f"i{i}", "image": np.zeros((G.img_resolution, G.img_resolution, 3), np.uint8),
+                "mask": rng.integers(0, 8, (label_size, label_size))} for i in range(images)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        fit_label_generator(model, ws, samples, tmp, max_steps=steps, min_steps=steps, images_per_step=4,
+                            pixels_per_image=1024, progress=False)
+        seconds = time.perf_counter() - t0
+    channels = sum(G.synthesis.feature_channels)
+    return {"seconds_per_step": seconds / steps, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / 2**20, "materialized_gb": images * channels * label_size**2 * 4 / 2**30, "channels": channels}
+
+
+def run(kind: str, which: str, label_size: int, **kw) -> dict:
+    args = [sys.executable, __file__, "--worker", kind, which, str(label_size), json.dumps(kw)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["killed"])[-1], "returncode": out.returncode}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--skip-ffhq", action="store_true")
+    parser.add_argument("--skip-heads", action="store_true")
+    parser.add_argument("--materialize-limit-gb", type=float, default=14.0,
+                        help="skip the materialized run where its hypercolumn would exceed this")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from handsoff.runtime import tune_allocator
+
+    tune_allocator()
+    if args.worker:
+        kind, which, size, kw = args.worker
+        fn = measure_predict if kind == "predict" else measure_train
+        print(json.dumps(fn(which, int(size), **json.loads(kw))))
+        return
+
+    cases = ([] if args.skip_heads else [("heads-64", 64)]) + ([] if args.skip_ffhq else [("ffhq", 512)])
+    final = None
+    for which, size in cases:
+        fact = run("predict", which, size, mode="factorized", reps=args.reps)
+        channels = fact["channels"]
+        mat_gb = channels * size**2 * 4 / 2**30
+        if mat_gb <= args.materialize_limit_gb:
+            mat = run("predict", which, size, mode="materialized", reps=args.reps)
+        else:
+            mat = {"error": f"hypercolumn {mat_gb:.1f} GB > limit"}
+        print(f"\n{which}: {channels} feature channels, labels {size}x{size} "
+              f"(one materialized hypercolumn: {mat_gb:.2f} GB)")
+        print(f"{'per image':<14}{'features s':>12}{'ensemble s':>12}{'total s':>10}{'peak RSS GB':>13}")
+        for name, r in (("factorized", fact), ("materialized", mat)):
+            if "error" in r:
+                print(f"{name:<14}  not run: {r['error']}")
+            else:
+                print(f"{name:<14}{r['features']:>12.3f}{r['ensemble']:>12.3f}{r['total']:>10.3f}"
+                      f"{r['peak_rss_gb']:>13.2f}")
+        speedup = mat["ensemble"] / fact["ensemble"] if "error" not in mat else float("nan")
+        total_speedup = mat["total"] / fact["total"] if "error" not in mat else float("nan")
+        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x")
+        train = run("train", which, size, images=50, steps=args.train_steps)
+        if "error" in train:
+            print(f"training on 50 images: failed ({train['error']})")
+        else:
+            print(f"training on 50 images: peak RSS {train['peak_rss_gb']:.2f} GB "
+                  f"({train['seconds_per_step']:.2f} s/step) vs materialized hypercolumns "
+                  f"{train['materialized_gb']:.0f} GB ({train['materialized_gb'] / train['peak_rss_gb']:.0f}x)")
+        if size == 512:
+            final = (speedup, train.get("peak_rss_gb", float("nan")))
+    if final:
+        print(f"factorized speedup: {final[0]:.1f}x, training peak RSS: {final[1]:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
