@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "generate": "generate a labeled dataset with uncertainty filtering",
     "train-downstream": "train a downstream network on a dataset",
     "evaluate": "evaluate a downstream network on real labeled images",
     "benchmark": "HandsOff vs transfer learning vs oracle on the heads domain",
@@ -214,8 +214,13 @@ def cmd_fit(args) -> int:
     from handsoff.data.layout import DatasetError, LabeledFolder, default_color
     from handsoff.generator import load_generator
     from handsoff.inversion import load_latents
-    from handsoff.label_generator import (LabelGenerator, build_tasks, fit_label_generator, parse_task_names,
-                                          save_label_generator)
+    from handsoff.label_generator import (
+        LabelGenerator,
+        build_tasks,
+        fit_label_generator,
+        parse_task_names,
+        save_label_generator,
+    )
     from handsoff.label_generator.model import prediction_sample
     from handsoff.visualize import label_panels, save_image_atomic, strip_sheet
 
@@ -249,7 +254,8 @@ def cmd_fit(args) -> int:
                                   seed=args.seed)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     out = save_label_generator(model, args.out, metadata={"latents": str(args.latents), "labels": str(args.labels),
-                                                          "inversion": latent_meta, "fit": summary})
+                                                          "inversion": latent_meta, "fit": summary,
+                                                          "labels_card": labels.card.to_json()})
     colors = labels.card.colors or [default_color(i) for i in range(len(labels.card.classes or []))]
     n = min(8, len(names))
     result = model.predict(ws[:n].to(device))
@@ -263,6 +269,59 @@ def cmd_fit(args) -> int:
     for task in summary["final_loss"]:
         print(f"  {task}: loss {summary['final_loss'][task]:.4f} (constant prediction "
               f"{summary['constant_loss'][task]:.4f})")
+    return 0
+
+
+def _class_fractions(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"error: --min-class-fraction expects CLASS=FRACTION, got {item!r}")
+    return out
+
+
+def cmd_generate(args) -> int:
+    import math
+
+    from handsoff.generation import GenerationConfig, generate_dataset
+    from handsoff.label_generator import load_label_generator
+
+    device = _device(args.device)
+    generator = None
+    if args.generator:
+        from handsoff.generator import load_generator
+
+        generator = load_generator(args.generator, device=device)
+    lg_path = Path(args.label_generator)
+    model = load_label_generator(lg_path, generator=generator, device=device)
+    config = GenerationConfig(n=args.n, seed=args.seed, truncation=args.truncation, filter_top=args.filter_top,
+                              filter_by=args.filter_by, keep_filtered=args.keep_filtered, batch=args.batch,
+                              fmt=args.format, min_class_fraction=_class_fractions(args.min_class_fraction or []))
+    if args.shards:
+        kept = args.n - math.floor(args.filter_top * args.n)
+        config.shard_size = max(1, math.ceil(kept / args.shards))
+    card = json.loads((lg_path / "config.json").read_text()).get("metadata", {}).get("labels_card") or {}
+    source = {"label_generator": str(lg_path),
+              "colors": [c["color"] for c in card["classes"]] if card.get("classes") else None,
+              "skeleton": (card.get("keypoints") or {}).get("skeleton", []),
+              "keypoint_flip_pairs": (card.get("keypoints") or {}).get("flip_pairs", []),
+              "depth_unit": (card.get("depth") or {}).get("unit", "as the training labels")}
+    t0 = time.perf_counter()
+    out = generate_dataset(model, args.out, config, source=source)
+    if out is None:
+        return 0  # a worker other than rank 0: rank 0 reports
+    stats = json.loads((out / "dataset.json").read_text())["source"]["statistics"]
+    c = stats["counts"]
+    print(f"wrote {out}: {c['kept']} kept, {c['filtered']} filtered as most uncertain, {c['rejected']} rejected by "
+          f"class quotas (acceptance rate {stats['acceptance_rate']:.3f}) in {time.perf_counter() - t0:.0f} s")
+    if "class_image_share" in stats:
+        shares = ", ".join(f"{k} {v:.3f}" for k, v in stats["class_image_share"].items())
+        print(f"share of images containing each class: {shares}")
     return 0
 
 
@@ -442,6 +501,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser("generate", help="generate a labeled dataset (resumable; parallel under torchrun)",
+                       description="Generate a labeled dataset from a fitted label generator. Rerun the same "
+                       "command after a kill to resume. For several workers run it under torchrun, e.g. "
+                       "`torchrun --nproc-per-node 4 -m handsoff generate --num-samples N ...` (several machines: "
+                       "--nnodes/--node-rank/--master-addr, with --out on a shared filesystem).")
+    p.add_argument("--label-generator", required=True, help="folder from `handsoff fit`")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=10000,
+                   help="samples before uncertainty filtering (under torchrun write --num-samples: torchrun "
+                   "mistakes --n for an abbreviation of its own options)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--truncation", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filter-top", type=float, default=0.1, help="fraction dropped as most uncertain")
+    p.add_argument("--filter-by", default="combined", help="seg, kp, depth or combined")
+    p.add_argument("--keep-filtered", action="store_true", help="move filtered samples to OUT/filtered/")
+    p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
+    p.add_argument("--shards", type=int, default=None, help="number of WebDataset tar shards")
+    p.add_argument("--batch", type=int, default=16, help="samples per batch (the unit of work and resumption)")
+    p.add_argument("--min-class-fraction", action="append", metavar="CLASS=F",
+                   help="generate until a share F of the samples contain CLASS (rejection sampling)")
+    p.add_argument("--generator", help="use this generator instead of the one the label generator records")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=1000)
@@ -489,5 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, DatasetError, TrainingError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # bad settings (e.g. an out-of-range option); HANDSOFF_DEBUG=1 shows the traceback
+        if os.environ.get("HANDSOFF_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1

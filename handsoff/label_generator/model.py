@@ -131,7 +131,7 @@ class LabelGenerator(nn.Module):
         from the task's ``decode``: label, uncertainty (L, L), score, ...]}."""
         images, feats = self.features(ws.to(self.ensemble.weight1.device))
         outputs = self.dense_outputs(feats, tile_pixels)
-        result = {"images": images.clamp(-1, 1)}
+        result = {"images": images.clamp(-1, 1), "label_size": self.label_size}
         for task in self.tasks:
             sl = self.slices[task.name]
             result[task.name] = [task.decode(outputs[i, :, sl]) for i in range(len(ws))]
@@ -144,11 +144,18 @@ class LabelGenerator(nn.Module):
 
 
 def prediction_sample(result: dict, i: int) -> dict:
-    """Sample ``i`` of a ``predict`` result in the labeled-data layout's form: image (R, R, 3) uint8 and, per task
-    present, mask (L, L) int64, keypoints (K, 3) float32 (COCO visibility), depth (L, L) float32."""
+    """Sample ``i`` of a ``predict`` result in the labeled-data layout's form: image (L, L, 3) uint8 (resized,
+    antialiased, where the generator's resolution differs from the label resolution L) and, per task present,
+    mask (L, L) int64, keypoints (K, 3) float32 in label pixels (COCO visibility), depth (L, L) float32."""
+    import torch.nn.functional as F
+
     from handsoff.visualize import to_uint8
 
-    sample = {"image": to_uint8(result["images"][i:i + 1])[0]}
+    image = result["images"][i:i + 1]
+    size = result.get("label_size", image.shape[-1])
+    if image.shape[-1] != size:
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    sample = {"image": to_uint8(image)[0]}
     if "seg" in result:
         sample["mask"] = result["seg"][i]["label"].cpu().numpy().astype("int64")
     if "kp" in result:

@@ -1,0 +1,326 @@
+"""The generation run: batches, workers, resumption and finalization (see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from handsoff.data.layout import DatasetCard, DatasetError, atomic_write_json
+from handsoff.fileio import atomic_save, atomic_write_bytes
+from handsoff.generation.webdataset import write_webdataset
+from handsoff.generator.sampling import latents_for_seeds
+
+PROGRESS_DIR = ".progress"
+PRESENCE_PIXELS = 4  # a class is "in" an image when its predicted mask has at least this many pixels
+
+
+@dataclass
+class GenerationConfig:
+    """What defines a generated dataset (saved in dataset.json; a resumed run must match it).
+
+    n: samples in the dataset before uncertainty filtering. filter_top: fraction dropped as most uncertain.
+    filter_by: a task name or 'combined' (mean of the tasks' rank percentiles). batch: samples per batch (the
+    unit of work). fmt: 'folder' (standard layout) or 'webdataset' (tar shards of ``shard_size`` samples).
+    min_class_fraction: {class name: share of the n samples that must contain it}.
+    """
+
+    n: int
+    seed: int = 0
+    truncation: float = 0.7
+    filter_top: float = 0.1
+    filter_by: str = "combined"
+    keep_filtered: bool = False
+    batch: int = 16
+    fmt: str = "folder"
+    shard_size: int = 1000
+    min_class_fraction: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 0 <= self.filter_top < 1:
+            raise ValueError(f"filter_top must be in [0, 1), got {self.filter_top}")
+        if self.fmt not in ("folder", "webdataset"):
+            raise ValueError(f"format must be 'folder' or 'webdataset', got {self.fmt!r}")
+        for name, f in self.min_class_fraction.items():
+            if not 0 < f <= 1:
+                raise ValueError(f"min class fraction for {name!r} must be in (0, 1], got {f}")
+        if len(self.min_class_fraction) > 1:
+            raise ValueError("one --min-class-fraction class per run is supported")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initializes torch.distributed (gloo) when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _name(index: int) -> str:
+    return f"{index:08d}"
+
+
+def _record_path(out: Path, batch: int) -> Path:
+    return out / PROGRESS_DIR / f"batch-{batch:07d}.json"
+
+
+def _write_sample(out: Path, name: str, sample: dict) -> None:
+    atomic_save(out / "images" / f"{name}.png", lambda p: Image.fromarray(sample["image"]).save(p, format="PNG"))
+    if "mask" in sample:
+        atomic_save(out / "masks" / f"{name}.png",
+                    lambda p: Image.fromarray(sample["mask"].astype(np.uint8)).save(p, format="PNG"))
+    if "depth" in sample:
+        atomic_save(out / "depth" / f"{name}.npy", lambda p: np.save(p, sample["depth"].astype(np.float32)))
+
+
+def _sample_files(out: Path, name: str) -> list[Path]:
+    return [out / "images" / f"{name}.png", out / "masks" / f"{name}.png", out / "depth" / f"{name}.npy"]
+
+
+def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
+    """Generate, label and write the samples of one batch; returns (and writes) its record."""
+    from handsoff.label_generator.model import prediction_sample
+
+    indices = list(range(batch * config.batch, (batch + 1) * config.batch))
+    z = latents_for_seeds(config.seed, indices, model.G.z_dim)
+    result = model.predict_z(z, truncation_psi=config.truncation)
+    seg = next((t for t in model.tasks if t.name == "seg"), None)
+    samples = []
+    for i, index in enumerate(indices):
+        sample = prediction_sample(result, i)
+        name = _name(index)
+        _write_sample(out, name, sample)
+        entry = {"index": index, "name": name, "scores": {t.name: result[t.name][i]["score"] for t in model.tasks}}
+        if "keypoints" in sample:
+            entry["keypoints"] = [[round(float(v), 3) for v in row] for row in sample["keypoints"]]
+        if seg is not None:
+            counts = np.bincount(sample["mask"].reshape(-1), minlength=len(seg.classes))
+            entry["class_pixels"] = counts.tolist()
+        samples.append(entry)
+    record = {"batch": batch, "samples": samples}
+    atomic_write_json(_record_path(out, batch), record)
+    return record
+
+
+def _read_records(out: Path, batches: range) -> dict[int, dict]:
+    records = {}
+    for b in batches:
+        path = _record_path(out, b)
+        if path.exists():
+            records[b] = json.loads(path.read_text())
+    return records
+
+
+def _quota_selection(entries: list[dict], config: GenerationConfig, classes: list[str]) -> tuple[list[int], bool]:
+    """Indices selected under the class quota from candidates in index order; and whether the quotas are full."""
+    if not config.min_class_fraction:
+        chosen = [e["index"] for e in entries[:config.n]]
+        return chosen, len(chosen) == config.n
+    (name, fraction), = config.min_class_fraction.items()
+    cls = classes.index(name)
+    need_with = math.ceil(fraction * config.n)
+    need_without = config.n - need_with
+    with_cls, without = [], []
+    for e in entries:
+        if e["class_pixels"][cls] >= PRESENCE_PIXELS:
+            if len(with_cls) < need_with:
+                with_cls.append(e["index"])
+        elif len(without) < need_without:
+            without.append(e["index"])
+        if len(with_cls) == need_with and len(without) == need_without:
+            break
+    return sorted(with_cls + without), len(with_cls) == need_with and len(without) == need_without
+
+
+def _percentiles(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    return ranks / max(len(values) - 1, 1)
+
+
+def filter_scores(entries: list[dict], filter_by: str) -> np.ndarray:
+    """The filter score of each entry: a task's rank percentile, or the mean of all tasks' ('combined')."""
+    tasks = list(entries[0]["scores"])
+    if filter_by != "combined" and filter_by not in tasks:
+        raise ValueError(f"cannot filter by {filter_by!r}: the label generator's tasks are {tasks}")
+    use = tasks if filter_by == "combined" else [filter_by]
+    return np.mean([_percentiles(np.array([e["scores"][t] for e in entries])) for t in use], axis=0)
+
+
+def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
+                     source: dict | None = None) -> Path | None:
+    """Generate (or resume) a dataset into ``out``; returns its path on the rank that finalized it."""
+    out = Path(out)
+    rank, world = _distributed()
+    settings = dataclasses.asdict(config)
+    settings_path = out / PROGRESS_DIR / "config.json"
+    if rank == 0:
+        if (out / "dataset.json").exists():
+            done = json.loads((out / "dataset.json").read_text()).get("source", {}).get("generation")
+            if done != settings:
+                raise DatasetError(f"{out / 'dataset.json'}: a finished dataset with other settings is there; "
+                                   "choose another --out")
+        elif settings_path.exists():
+            saved = json.loads(settings_path.read_text())
+            if saved != settings:
+                changed = sorted(k for k in settings if saved.get(k) != settings[k])
+                raise DatasetError(f"{settings_path}: cannot resume with different settings ({', '.join(changed)})")
+        elif out.exists() and any(out.iterdir()):
+            raise DatasetError(f"{out}: exists and is not an unfinished generation run; choose an empty --out")
+        else:
+            atomic_write_json(settings_path, settings)
+    _barrier(world)
+    if (out / "dataset.json").exists():
+        return out if rank == 0 else None
+
+    seg = next((t for t in model.tasks if t.name == "seg"), None)
+    classes = seg.classes if seg is not None else []
+    for name in config.min_class_fraction:
+        if name not in classes:
+            raise ValueError(f"--min-class-fraction: {name!r} is not a class of the label generator "
+                             f"({', '.join(classes) or 'no segmentation task'})")
+    n_batches = math.ceil(config.n / config.batch)
+    first = 0
+    while True:  # rounds: one without quotas; more while a class quota is not yet full
+        todo = [b for b in range(first, n_batches) if b % world == rank and not _record_path(out, b).exists()]
+        with tqdm(total=len(todo) * config.batch, desc=f"generating (worker {rank + 1}/{world})", unit="img",
+                  disable=not progress) as bar:
+            for b in todo:
+                run_batch(model, out, config, b)
+                bar.update(config.batch)
+        _barrier(world)
+        records = _read_records(out, range(n_batches))
+        entries = [e for b in sorted(records) for e in records[b]["samples"]]
+        _, full = _quota_selection(entries, config, classes)
+        if full or not config.min_class_fraction:
+            break
+        # Not enough samples of the class yet: extend the candidate range by what the rate so far suggests.
+        (name, fraction), = config.min_class_fraction.items()
+        cls = classes.index(name)
+        rate = max(np.mean([e["class_pixels"][cls] >= PRESENCE_PIXELS for e in entries]), 1 / len(entries))
+        extra = math.ceil(max(fraction * config.n / rate - len(entries), config.batch) * 1.1)
+        first, n_batches = n_batches, n_batches + math.ceil(extra / config.batch)
+    if rank != 0:
+        return None
+    return _finalize(model, out, config, entries, classes, source or {})
+
+
+def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], classes: list[str],
+              source: dict) -> Path:
+    chosen, _ = _quota_selection(entries, config, classes)
+    chosen_set = set(chosen)
+    selected = [e for e in entries if e["index"] in chosen_set]
+    scores = filter_scores(selected, config.filter_by)
+    n_drop = int(math.floor(config.filter_top * len(selected)))
+    order = sorted(range(len(selected)), key=lambda i: (-scores[i], selected[i]["index"]))
+    dropped = {selected[i]["index"] for i in order[:n_drop]}
+
+    score_of = {e["index"]: round(float(s), 6) for e, s in zip(selected, scores)}
+    manifest = []
+    for e in entries:
+        status = "rejected" if e["index"] not in chosen_set else ("filtered" if e["index"] in dropped else "kept")
+        row = {"index": e["index"], "name": e["name"], "seed": config.seed, "truncation": config.truncation,
+               "latent": {"z": "latents_for_seeds(seed, [index])", "truncation_psi": config.truncation},
+               "uncertainty": e["scores"], "status": status}
+        if e["index"] in score_of:
+            row["filter_score"] = score_of[e["index"]]
+        manifest.append(row)
+
+    for e in entries:
+        if e["index"] in dropped and config.keep_filtered:
+            for f in _sample_files(out, e["name"]):
+                if f.exists():
+                    dest = out / "filtered" / f.parent.name / f.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dest)
+        elif e["index"] not in chosen_set or e["index"] in dropped:
+            for f in _sample_files(out, e["name"]):
+                f.unlink(missing_ok=True)
+
+    kept = [e for e in selected if e["index"] not in dropped]
+    card = _card(model, config, kept, manifest, classes, source)
+    if "kp" in {t.name for t in model.tasks}:
+        _write_coco(out, model, kept)
+    if config.fmt == "webdataset":
+        _pack_shards(out, model, kept, config.shard_size)
+    atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest).encode())
+    shutil.rmtree(out / PROGRESS_DIR)
+    atomic_write_json(out / "dataset.json", card.to_json())
+    return out
+
+
+def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict], classes: list[str],
+          source: dict) -> DatasetCard:
+    tasks = {t.name: t for t in model.tasks}
+    counts = {s: sum(r["status"] == s for r in manifest) for s in ("kept", "filtered", "rejected")}
+    stats: dict = {"counts": counts, "acceptance_rate": (counts["kept"] + counts["filtered"]) / len(manifest)}
+    if classes:
+        pixels = np.array([e["class_pixels"] for e in kept], np.float64)
+        stats["class_pixel_share"] = dict(zip(classes, (pixels.sum(0) / max(pixels.sum(), 1)).round(6).tolist()))
+        stats["class_image_share"] = dict(zip(classes, ((pixels >= PRESENCE_PIXELS).mean(0)).round(6).tolist()))
+    kp = tasks.get("kp")
+    lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
+                 "generator": model.generator_ref, "statistics": stats}
+    return DatasetCard(classes=classes or None, colors=source.get("colors") if classes else None,
+                       keypoint_names=kp.names if kp else None, skeleton=source.get("skeleton", []),
+                       keypoint_flip_pairs=source.get("keypoint_flip_pairs", []),
+                       depth_format="npy" if "depth" in tasks else None,
+                       depth_unit=source.get("depth_unit", "as the training labels"),
+                       source={"generated_by": "handsoff generate", **lg_source})
+
+
+def _write_coco(out: Path, model, kept: list[dict]) -> None:
+    kp_task = next(t for t in model.tasks if t.name == "kp")
+    size = model.label_size
+    images, annotations = [], []
+    for i, e in enumerate(kept, start=1):
+        images.append({"id": i, "file_name": f"{e['name']}.png", "width": size, "height": size})
+        flat = [v for row in e["keypoints"] for v in row]
+        annotations.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "keypoints": flat,
+                            "num_keypoints": sum(row[2] > 0 for row in e["keypoints"])})
+    atomic_write_json(out / "keypoints.json", {"images": images, "annotations": annotations,
+                                               "categories": [{"id": 1, "name": "object",
+                                                               "keypoints": kp_task.names, "skeleton": []}]})
+
+
+def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
+    """Move the kept samples' files into tar shards, then remove the per-sample folders."""
+    for trash in out.glob(".*.trash"):
+        shutil.rmtree(trash)
+    if not (out / "images").exists():  # packed before a kill: the shards are complete
+        return
+    for s in range(0, len(kept), shard_size):
+        samples = []
+        for e in kept[s:s + shard_size]:
+            name = e["name"]
+            sample = {"image": np.asarray(Image.open(out / "images" / f"{name}.png"))}
+            if (out / "masks" / f"{name}.png").exists():
+                sample["mask"] = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+            if (out / "depth" / f"{name}.npy").exists():
+                sample["depth"] = np.load(out / "depth" / f"{name}.npy")
+            if "keypoints" in e:
+                sample["keypoints"] = np.asarray(e["keypoints"], np.float32)
+            samples.append((name, sample))
+        write_webdataset(out / f"shard-{s // shard_size:05d}.tar", samples)
+    for folder in ("images", "masks", "depth"):
+        if (out / folder).exists():  # rename first, so that a kill never leaves a half-deleted folder
+            trash = out / f".{folder}.trash"
+            os.replace(out / folder, trash)
+            shutil.rmtree(trash)

@@ -1,0 +1,105 @@
+"""WebDataset-style tar shards: one tar per shard, the files of a sample sharing its key.
+
+    KEY.png          RGB image
+    KEY.mask.png     uint8 class ids (segmentation)
+    KEY.depth.npy    float32 depth
+    KEY.kp.json      {"keypoints": [[x, y, v], ...]} in pixels, centres at +0.5
+
+This is the layout the ``webdataset`` library reads (keys group by the part before the first dot). Tars are
+written deterministically (fixed mtime, owner and order), so the same samples give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from handsoff.data.layout import DatasetError
+from handsoff.fileio import atomic_save
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_sample(sample: dict) -> list[tuple[str, bytes]]:
+    """(suffix, bytes) pairs of a sample dict (image, optional mask / depth / keypoints)."""
+    parts = [("png", _png(sample["image"]))]
+    if "mask" in sample:
+        parts.append(("mask.png", _png(np.asarray(sample["mask"]).astype(np.uint8))))
+    if "depth" in sample:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(sample["depth"], np.float32))
+        parts.append(("depth.npy", buf.getvalue()))
+    if "keypoints" in sample:
+        kp = [[round(float(v), 3) for v in row] for row in np.asarray(sample["keypoints"])]
+        parts.append(("kp.json", json.dumps({"keypoints": kp}).encode()))
+    return parts
+
+
+def write_webdataset(path: str | os.PathLike, samples: list[tuple[str, dict]]) -> Path:
+    """Write (key, sample) pairs into one tar shard, atomically."""
+    def write(tmp: Path) -> None:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, sample in samples:
+                if "." in key:
+                    raise ValueError(f"sample key {key!r} must not contain a dot")
+                for suffix, data in encode_sample(sample):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+    return atomic_save(path, write)
+
+
+def _decode(suffix: str, data: bytes, where: str):
+    try:
+        if suffix == "png":
+            return "image", np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        if suffix == "mask.png":
+            return "mask", np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+        if suffix == "depth.npy":
+            return "depth", np.load(io.BytesIO(data)).astype(np.float32)
+        if suffix == "kp.json":
+            return "keypoints", np.asarray(json.loads(data)["keypoints"], np.float32)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is bad data in that member
+        raise DatasetError(f"{where}: cannot decode ({e})") from None
+    return None, None
+
+
+def read_webdataset(paths: str | os.PathLike | list) -> Iterator[dict]:
+    """Samples from tar shards (a path, a folder of ``*.tar``, or a list of paths), in order: dicts with
+    name, image (H, W, 3) uint8 and whichever of mask, depth, keypoints the shard holds."""
+    if isinstance(paths, (str, os.PathLike)):
+        p = Path(paths)
+        paths = sorted(p.glob("*.tar")) if p.is_dir() else [p]
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"{path}: shard not found")
+        current: dict | None = None
+        try:
+            tar = tarfile.open(path)
+        except tarfile.TarError as e:
+            raise DatasetError(f"{path}: not a tar shard ({e})") from None
+        with tar:
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                if current is not None and current["name"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"name": key}
+                field, value = _decode(suffix, tar.extractfile(member).read(), f"{path}:{member.name}")
+                if field is not None:
+                    current[field] = value
+        if current is not None:
+            yield current

@@ -1,0 +1,138 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from handsoff import save_networks
+from handsoff.cli import main
+from handsoff.data.layout import LabeledFolder
+from handsoff.generation import read_webdataset
+from handsoff.label_generator import Depth, Keypoints, LabelGenerator, Segmentation, save_label_generator
+
+CLASSES = ["background", "a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def label_generator(tmp_path_factory, request):
+    """A tiny generator and an (untrained, so members disagree) 3-task label generator, saved."""
+    from checkpoint_writers import randomize
+    from conftest import TINY
+
+    from handsoff.generator import Generator
+
+    root = tmp_path_factory.mktemp("lg")
+    torch.manual_seed(0)
+    G = randomize(Generator(**TINY), seed=1).eval()
+    ckpt = save_networks(root / "g", G)
+    torch.manual_seed(3)
+    tasks = [Segmentation(CLASSES), Keypoints(["k1", "k2"]), Depth(log_mean=1.0, log_std=0.5)]
+    model = LabelGenerator(G, tasks, 32, members=3, hidden=16, hidden2=8, generator_ref=str(ckpt))
+    with torch.no_grad():  # spread the (random) class logits so that every class wins somewhere
+        model.ensemble.weight3.mul_(50)
+    return save_label_generator(model, root / "lg")
+
+
+def _generate(lg, out, *extra, n=24, batch=4):
+    return ["generate", "--label-generator", str(lg), "--out", str(out), "--n", str(n), "--batch", str(batch),
+            "--device", "cpu", *extra]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_a_byte_identical_dataset_that_loads_back(tmp_path, label_generator):
+    assert main(_generate(label_generator, tmp_path / "a")) == 0
+    assert main(_generate(label_generator, tmp_path / "b")) == 0
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a == b and "dataset.json" in a and not any(k.startswith(".progress") for k in a)
+    folder = LabeledFolder(tmp_path / "a")
+    assert len(folder) == 24 - 2  # 10% of 24, rounded down, filtered
+    sample = folder.load(folder.names[0])
+    assert sample["mask"].shape == (32, 32) and sample["keypoints"].shape == (2, 3)
+    assert sample["depth"].dtype == np.float32 and sample["image"].shape == (32, 32, 3)
+    assert main(_generate(label_generator, tmp_path / "c", "--seed", "1")) == 0
+    assert _tree(tmp_path / "c")["images/00000000.png"] != a["images/00000000.png"]
+    # Rerunning a finished run changes nothing; other settings on the same folder are refused.
+    assert main(_generate(label_generator, tmp_path / "a")) == 0
+    assert _tree(tmp_path / "a") == a
+    assert main(_generate(label_generator, tmp_path / "a", "--truncation", "0.5")) == 1
+
+
+def test_filtering_drops_exactly_the_most_uncertain_and_records_them(tmp_path, label_generator):
+    out = tmp_path / "d"
+    assert main(_generate(label_generator, out, "--n", "40", "--filter-top", "0.25", "--filter-by", "seg",
+                          "--keep-filtered")) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and sum(r["status"] == "filtered" for r in rows) == 10
+    seg_scores = np.array([r["uncertainty"]["seg"] for r in rows])
+    filtered = np.array([r["status"] == "filtered" for r in rows])
+    assert seg_scores[filtered].min() >= seg_scores[~filtered].max()
+    for r in rows:
+        where = "filtered/images" if r["status"] == "filtered" else "images"
+        assert (out / where / f"{r['name']}.png").is_file()
+    assert len(LabeledFolder(out)) == 30
+
+
+def test_class_quota_reaches_its_target(tmp_path, label_generator):
+    assert main(_generate(label_generator, tmp_path / "plain", "--n", "32", "--filter-top", "0")) == 0
+    share = json.loads((tmp_path / "plain" / "dataset.json").read_text())["source"]["statistics"][
+        "class_image_share"]
+    rare = min((c for c in CLASSES[1:] if share[c] > 0), key=lambda c: share[c])
+    target = min(0.9, share[rare] + 0.3)
+    out = tmp_path / "quota"
+    assert main(_generate(label_generator, out, "--n", "32", "--filter-top", "0", "--min-class-fraction",
+                          f"{rare}={target}")) == 0
+    stats = json.loads((out / "dataset.json").read_text())["source"]["statistics"]
+    assert stats["class_image_share"][rare] >= target - 1e-9
+    assert stats["counts"]["kept"] == 32 and stats["counts"]["rejected"] > 0 and stats["acceptance_rate"] < 1
+
+
+def test_webdataset_output_reads_back(tmp_path, label_generator):
+    out = tmp_path / "wds"
+    assert main(_generate(label_generator, out, "--format", "webdataset", "--shards", "2")) == 0
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) == 2 and not (out / "images").exists()
+    samples = list(read_webdataset(out))
+    assert len(samples) == 22 and samples[0]["mask"].shape == (32, 32) and samples[0]["keypoints"].shape == (2, 3)
+    assert main(_generate(label_generator, tmp_path / "wds2", "--format", "webdataset", "--shards", "2")) == 0
+    assert _tree(out) == _tree(tmp_path / "wds2")
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "handsoff", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, label_generator):
+    args = _generate(label_generator, tmp_path / "killed", n=240, batch=2)
+    proc = _cli(args)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed" / ".progress").glob("batch-*.json"))) < 5:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "dataset.json").exists()
+    assert _cli(args).wait() == 0
+    assert _cli(_generate(label_generator, tmp_path / "whole", n=240, batch=2)).wait() == 0
+    assert _tree(tmp_path / "killed") == _tree(tmp_path / "whole")
+
+
+def test_two_workers_equal_one(tmp_path, label_generator):
+    args = _generate(label_generator, tmp_path / "two", n=24, batch=4)
+    args[args.index("--n")] = "--num-samples"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "-m", "handsoff", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(_generate(label_generator, tmp_path / "one", n=24, batch=4)) == 0
+    assert _tree(tmp_path / "two") == _tree(tmp_path / "one")
