@@ -1,0 +1,81 @@
+"""Label metrics: dataset-level mIoU, PCK, depth errors. Inputs are NumPy arrays or tensors.
+
+* mIoU (HandsOff's protocol): intersections and unions are summed over the whole dataset, then IoU is averaged
+  over classes *including background*; a class that appears in neither predictions nor ground truth of the
+  whole dataset has no IoU and is left out of the mean (reported as None).
+* PCK@t: share of visible ground-truth keypoints (COCO v == 2) whose prediction lies within t * (longer image
+  side) pixels; predictions marked invisible count as misses.
+* Depth on valid pixels (finite, > 0 ground truth): MSE, RMSE, RMSE of log depth, and nMSE = per image
+  sum((pred - gt)^2) / sum((gt - mean gt)^2), averaged over images (scale-aware, 1.0 for predicting the mean).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def confusion_matrix(pred, target, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = ground truth, columns = prediction; any shape of id arrays."""
+    p, t = _np(pred).reshape(-1).astype(np.int64), _np(target).reshape(-1).astype(np.int64)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction and target sizes differ: {p.shape} vs {t.shape}")
+    bad = (t < 0) | (t >= n_classes) | (p < 0) | (p >= n_classes)
+    if bad.any():
+        raise ValueError(f"class ids outside 0..{n_classes - 1}")
+    return np.bincount(t * n_classes + p, minlength=n_classes**2).reshape(n_classes, n_classes)
+
+
+def miou(confusion: np.ndarray, class_names: list[str] | None = None) -> dict:
+    """{'miou': float, 'iou': {class: IoU or None}} from a dataset-level confusion matrix."""
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    names = class_names or [str(i) for i in range(len(inter))]
+    iou = {n: (float(i / u) if u > 0 else None) for n, i, u in zip(names, inter, union)}
+    present = [v for v in iou.values() if v is not None]
+    return {"miou": float(np.mean(present)) if present else float("nan"), "iou": iou}
+
+
+def merge_classes(mask, lut) -> np.ndarray:
+    """Map class ids through a lookup table (e.g. ``ClassMapping.lut``): 19 CelebAMask classes -> 8."""
+    return np.asarray(lut)[_np(mask)]
+
+
+def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 0.02)) -> dict:
+    """PCK over all images: pred (N, K, 2 or 3) pixels (a third column <= 0 marks 'not visible'), target
+    (N, K, 3) with COCO visibility; image_size: side or (H, W). Returns {'pck@t': share, ..., 'count': n}."""
+    p, t = _np(pred).astype(np.float64), _np(target).astype(np.float64)
+    longer = max(image_size) if isinstance(image_size, tuple) else image_size
+    visible = t[..., 2] == 2
+    dist = np.linalg.norm(p[..., :2] - t[..., :2], axis=-1)
+    if p.shape[-1] > 2:
+        dist = np.where(p[..., 2] > 0, dist, np.inf)
+    n = int(visible.sum())
+    out = {f"pck@{th:g}": (float((dist[visible] <= th * longer).mean()) if n else float("nan"))
+           for th in thresholds}
+    out["count"] = n
+    return out
+
+
+def depth_errors(pred_list, target_list) -> dict:
+    """Depth errors over images (lists of (H, W) arrays), on pixels where the target is finite and > 0."""
+    se, se_log, count, nmse = 0.0, 0.0, 0, []
+    for pred, target in zip(pred_list, target_list):
+        p, t = _np(pred).astype(np.float64), _np(target).astype(np.float64)
+        valid = np.isfinite(t) & (t > 0)
+        if not valid.any():
+            continue
+        d = p[valid] - t[valid]
+        se += float((d**2).sum())
+        se_log += float(((np.log(np.clip(p[valid], 1e-12, None)) - np.log(t[valid])) ** 2).sum())
+        count += int(valid.sum())
+        var = float(((t[valid] - t[valid].mean()) ** 2).sum())
+        nmse.append(float((d**2).sum()) / var if var > 0 else float("nan"))
+    if count == 0:
+        return {"mse": float("nan"), "rmse": float("nan"), "rmse_log": float("nan"), "nmse": float("nan")}
+    return {"mse": se / count, "rmse": (se / count) ** 0.5, "rmse_log": (se_log / count) ** 0.5,
+            "nmse": float(np.nanmean(nmse)) if nmse else float("nan")}

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from handsoff.metrics.labels import confusion_matrix, depth_errors, merge_classes, miou, pck
+
+
+def test_miou_is_dataset_level_with_background_and_absent_classes_left_out():
+    # Image 1: 2x2, image 2: 1x2; classes 0 (bg), 1, 2; class 3 appears nowhere.
+    t1, p1 = np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 1]])
+    t2, p2 = np.array([[2, 0]]), np.array([[2, 2]])
+    conf = confusion_matrix(p1, t1, 4) + confusion_matrix(p2, t2, 4)
+    out = miou(conf, ["bg", "a", "b", "c"])
+    # bg: inter 1, union |gt bg|=2 + |pred bg|=2 - 1 = 3 -> 1/3; a: inter 2, union 3 + 2 - 2 = 3 -> 2/3;
+    # b: inter 1, union 1 + 2 - 1 = 2 -> 1/2; c: absent -> None.
+    assert out["iou"]["bg"] == pytest.approx(1 / 3) and out["iou"]["a"] == pytest.approx(2 / 3)
+    assert out["iou"]["b"] == pytest.approx(0.5) and out["iou"]["c"] is None
+    assert out["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0.5) / 3)
+    # Dataset-level differs from the mean of per-image mIoUs: check on the sums directly.
+    assert conf.sum() == 6
+    with pytest.raises(ValueError, match="sizes differ"):
+        confusion_matrix(p1, t2, 4)
+
+
+def test_class_merge():
+    lut = np.array([0, 1, 1, 2])
+    np.testing.assert_array_equal(merge_classes(np.array([[3, 2], [1, 0]]), lut), [[2, 1], [1, 0]])
+
+
+def test_pck_by_hand():
+    target = np.array([[[10, 10, 2], [20, 20, 2], [30, 30, 1], [5, 5, 2]]], float)
+    pred = np.array([[[10, 16, 1], [20, 22, 1], [0, 0, 1], [5, 5, 0]]], float)
+    out = pck(pred, target, image_size=(50, 100))  # longer side 100: thresholds 10, 5, 2 px
+    # distances of visible points: 6, 2, (occluded one ignored), invisible prediction = miss
+    assert out["count"] == 3
+    assert out["pck@0.1"] == pytest.approx(2 / 3) and out["pck@0.05"] == pytest.approx(1 / 3)
+    assert out["pck@0.02"] == pytest.approx(1 / 3)
+
+
+def test_depth_errors_by_hand():
+    t = np.array([[1.0, 2.0], [4.0, np.nan]])
+    p = np.array([[1.0, 3.0], [4.0, 7.0]])
+    out = depth_errors([p], [t])
+    assert out["mse"] == pytest.approx(1 / 3) and out["rmse"] == pytest.approx((1 / 3) ** 0.5)
+    assert out["rmse_log"] == pytest.approx((np.log(1.5) ** 2 / 3) ** 0.5)
+    var = ((np.array([1, 2, 4]) - 7 / 3) ** 2).sum()
+    assert out["nmse"] == pytest.approx(1 / var)
