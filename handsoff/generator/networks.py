@@ -430,16 +430,21 @@ class Discriminator(nn.Module):
         self.b4 = DiscriminatorEpilogue(channels_at(4, channel_base, channel_max), mbstd_group_size,
                                         mbstd_num_channels, conv_clamp=conv_clamp)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, force_fp32: bool = False):
-        """Returns logits (B, 1); with ``return_features`` also the list of block outputs, highest resolution first
-        (each (B, C_r, r/2, r/2), float32), used as a perceptual feature space."""
+    def block_features(self, img: torch.Tensor, force_fp32: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last block's output and the list of every block's output, highest resolution first (each
+        (B, C_r, r/2, r/2), float32). Per-sample: unlike the logits, no minibatch statistics are involved."""
         x = img
         features = []
         low = reduced_dtype(img.device)
         for res in self.resolutions:
             block = getattr(self, f"b{res}")
             x = block(x, low if block.use_fp16 and not force_fp32 else torch.float32)
-            if return_features:
-                features.append(x.float())
+            features.append(x.float())
+        return x, features
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, force_fp32: bool = False):
+        """Returns logits (B, 1); with ``return_features`` also the block outputs (see ``block_features``), used
+        as a perceptual feature space."""
+        x, features = self.block_features(img, force_fp32)
         logits = self.b4(x)
         return (logits, features) if return_features else logits

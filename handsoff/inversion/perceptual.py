@@ -41,8 +41,8 @@ class DiscriminatorFeatureDistance(nn.Module):
         self.name = "discriminator-features"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, fx = self.D(x, return_features=True, force_fp32=True)
-        _, fy = self.D(y, return_features=True, force_fp32=True)
+        _, fx = self.D.block_features(x, force_fp32=True)
+        _, fy = self.D.block_features(y, force_fp32=True)
         if self.layers is not None:
             fx, fy = fx[:self.layers], fy[:self.layers]
         dists = [(_unit_normalize(a) - _unit_normalize(b)).square().sum(1).mean(dim=(1, 2)) for a, b in zip(fx, fy)]
