@@ -26,12 +26,14 @@ def test_factorized_first_layer_equals_materialized_hypercolumns(tiny_generator,
     model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"])], label_size, members=3, hidden=16,
                            hidden2=8).eval()
     _, feats = model.features(_latents(tiny_generator, 2))
-    factorized = model.dense_outputs(feats, tile_pixels=500)                 # (B, M, O, L, L)
+    factorized = model.dense_outputs(feats)                                  # (B, M, O, L, L)
+    banded = model.dense_outputs(feats, memory_gb=16 * label_size * 4 * 7 / 2**30)  # bands of 7 rows
     hyper = materialized_hypercolumns(feats, label_size)                     # (B, C, L, L)
     rows = hyper.permute(0, 2, 3, 1).reshape(-1, hyper.shape[1])
     with torch.no_grad():
         reference = model.ensemble(rows).reshape(2, label_size, label_size, 3, 3).permute(0, 3, 4, 1, 2)
     torch.testing.assert_close(factorized, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(banded, reference, rtol=1e-4, atol=1e-5)
 
 
 def _synthetic_samples(G, ws, size):

@@ -14,7 +14,8 @@ group's features and apply W_g to the samples (cheap when there are fewer points
 way the C-channel hypercolumn exists only for the points at hand, never for a whole full-resolution image.
 
 Shapes: features is a list of (B, C_l, r_l, r_l) maps; points are (B, P, 2) normalized (x, y) in [-1, 1];
-first-layer outputs are (B, P, out_channels).
+first-layer outputs are rows with channels last, (B, P, out_channels) or (B, L, L, out_channels), which is what the
+ensemble's per-member matrix products read.
 """
 
 from __future__ import annotations
@@ -75,33 +76,64 @@ def _group_maps(features: list[torch.Tensor], g: FeatureGroup, dtype: torch.dtyp
     return f.to(dtype)
 
 
-def native_first_layer(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                       which: list[int]) -> dict[int, torch.Tensor]:
-    """W_g applied at native resolution for the groups listed in ``which``: {group index: (B, O, r, r)}."""
-    return {i: torch.einsum("oc,bchw->bohw", weight[:, groups[i].start:groups[i].stop],
-                            _group_maps(features, groups[i], weight.dtype)) for i in which}
+def _apply(weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """1x1 conv of maps (B, C, ...) with weight (O, C): (B, O, ...), as a batched matmul."""
+    b, c = maps.shape[:2]
+    return (weight @ maps.reshape(b, c, -1)).reshape(b, weight.shape[0], *maps.shape[2:])
 
 
 def first_layer_at(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                   bias: torch.Tensor | None, points: torch.Tensor,
-                   native: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None, points: torch.Tensor) -> torch.Tensor:
     """weight (O, C) applied to the hypercolumns at ``points`` (B, P, 2), without materializing them: (B, P, O).
 
-    Per group, the cheaper order is used: groups in ``native`` (precomputed by ``native_first_layer``, e.g. once
-    for all tiles of an image) are sampled after W_g; by default that is every group with at most P native
-    pixels. The other groups' features are sampled at the points and W_g is applied to the samples.
+    Per group, the cheaper order is used: with at most P native pixels, W_g is applied at native resolution and
+    the O-wide result is sampled; otherwise the group's features are sampled and W_g is applied to the samples.
     """
     b, p = points.shape[:2]
-    if native is None:
-        native = native_first_layer(features, groups, weight, [i for i, g in enumerate(groups)
-                                                               if g.resolution**2 <= p])
-    out = torch.zeros(b, p, weight.shape[0], device=weight.device, dtype=weight.dtype) if bias is None \
-        else bias.expand(b, p, -1).clone()
-    for i, g in enumerate(groups):
-        if i in native:
-            out = out + _sample(native[i], points)
+    out = torch.zeros(b, p, weight.shape[0], device=weight.device, dtype=weight.dtype)
+    if bias is not None:
+        out = out + bias
+    for g in groups:
+        w, f = weight[:, g.start:g.stop], _group_maps(features, g, weight.dtype)
+        out = out + (_sample(_apply(w, f), points) if g.resolution**2 <= p else _sample(f, points) @ w.t())
+    return out
+
+
+def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
+                      bias: torch.Tensor | None, size: int) -> torch.Tensor:
+    """The first layer at every pixel of a size x size label map, channels last: (B, size, size, O).
+
+    Groups below the label resolution: W_g at native resolution, then bilinear upsampling of the O-wide result;
+    groups at it: W_g directly; groups above it: features resized down first (resizing commutes with W_g).
+    Equal to resizing everything and concatenating (``materialized_hypercolumns``), without doing so. Channels
+    last because CPU bilinear upsampling of many channels is several times faster in that layout, and the
+    ensemble reads pixels as rows.
+    """
+    b, width = features[0].shape[0], weight.shape[0]
+    out = None  # (B, L, L, O), filled group by group
+    for g in sorted(groups, key=lambda g: g.resolution):
+        w, f = weight[:, g.start:g.stop], _group_maps(features, g, weight.dtype)
+        if g.resolution > size:
+            f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
+        r = f.shape[-1]
+        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])                 # native pixels as rows
+        if r < size:
+            h = rows @ w.t()
+            if out is None and bias is not None:
+                h += bias  # a constant survives bilinear upsampling unchanged: add it where it is cheapest
+            # (B, O, r, r) seen channels-last: the fast layout for upsampling many channels on CPU.
+            up = F.interpolate(h.view(b, r, r, width).permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                               align_corners=False).permute(0, 2, 3, 1)
+            if out is None:
+                out = up if up.is_contiguous() else up.contiguous()
+            else:
+                out += up
         else:
-            out = out + _sample(_group_maps(features, g, weight.dtype), points) @ weight[:, g.start:g.stop].t()
+            if out is None:
+                out = torch.zeros(b, size, size, width, device=weight.device, dtype=weight.dtype)
+                if bias is not None:
+                    out += bias
+            out.view(-1, width).addmm_(rows, w.t())
     return out
 
 

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from handsoff.fileio import atomic_save
-from handsoff.label_generator.features import feature_groups, first_layer_at, native_first_layer, pixel_grid
+from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_dense, pixel_grid
 from handsoff.label_generator.tasks import task_from_config
 
 
@@ -40,12 +41,36 @@ class MLPEnsemble(nn.Module):
         self.weight3 = nn.Parameter(torch.randn(members, hidden2, out_channels) * 0.02)
         self.bias3 = nn.Parameter(torch.zeros(members, out_channels))
 
+    @staticmethod
+    def _fold(bn: nn.BatchNorm1d, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold an eval-mode BatchNorm (per input channel of ``weight`` (M, I, O)) into the next layer."""
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        m, i, _ = weight.shape
+        return weight * scale.view(m, i, 1), bias + torch.einsum("mi,mio->mo", shift.view(m, i), weight)
+
     def forward_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        n = h.shape[0]
-        h = self.bn1(torch.relu(h)).reshape(n, self.members, self.hidden)
-        h = torch.einsum("nmh,mhk->nmk", h, self.weight2) + self.bias2
-        h = self.bn2(torch.relu(h).reshape(n, -1)).reshape(n, self.members, self.hidden2)
-        return torch.einsum("nmh,mhk->nmk", h, self.weight3) + self.bias3
+        """First-layer pre-activations as rows (N, M * hidden) -> outputs (N, M, out_channels).
+
+        In eval mode both BatchNorms are folded into the following layers, and the per-member products read the
+        rows in place (strided batched matmul), so a dense label map costs few passes over its N x M * hidden
+        activations.
+        """
+        n, m = h.shape[0], self.members
+        h = F.relu(h, inplace=not torch.is_grad_enabled())
+        if self.training:
+            h = self.bn1(h)
+            w2, b2 = self.weight2, self.bias2
+        else:
+            w2, b2 = self._fold(self.bn1, self.weight2, self.bias2)
+        h = torch.bmm(h.view(n, m, self.hidden).transpose(0, 1), w2) + b2[:, None]  # (M, N, hidden2)
+        h = F.relu(h, inplace=not torch.is_grad_enabled())
+        if self.training:
+            h = self.bn2(h.transpose(0, 1).reshape(n, -1)).view(n, m, self.hidden2).transpose(0, 1)
+            w3, b3 = self.weight3, self.bias3
+        else:
+            w3, b3 = self._fold(self.bn2, self.weight3, self.bias3)
+        return (torch.bmm(h, w3) + b3[:, None]).transpose(0, 1)  # (N, M, out_channels)
 
     def forward(self, hypercolumns: torch.Tensor) -> torch.Tensor:
         """Reference path on materialized hypercolumns (N, C) -> (N, M, out_channels)."""
@@ -88,49 +113,44 @@ class LabelGenerator(nn.Module):
         with torch.no_grad():
             return self.G.synthesis(ws, noise_mode="const", return_features=True)
 
-    def outputs_at(self, features: list[torch.Tensor], points: torch.Tensor,
-                   native: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def outputs_at(self, features: list[torch.Tensor], points: torch.Tensor) -> torch.Tensor:
         """Ensemble outputs at label points (B, P, 2): (B, P, M, out_channels)."""
-        b, p = points.shape[:2]
         e = self.ensemble
-        h = first_layer_at(features, self.groups, e.weight1, e.bias1, points, native)
-        return e.forward_hidden(h.reshape(b * p, -1)).reshape(b, p, e.members, -1)
+        h = first_layer_at(features, self.groups, e.weight1, e.bias1, points)
+        return e.forward_hidden(h.reshape(-1, h.shape[-1])).reshape(*points.shape[:2], e.members, -1)
 
     @torch.no_grad()
-    def dense_outputs(self, features: list[torch.Tensor], tile_pixels: int = 16384,
-                      native_budget_gb: float = 2.0) -> torch.Tensor:
-        """Outputs at every label pixel, computed in tiles of rows: (B, M, out_channels, L, L).
+    def dense_outputs(self, features: list[torch.Tensor], memory_gb: float = 1.0) -> torch.Tensor:
+        """Outputs at every label pixel: (B, M, out_channels, L, L).
 
-        Groups with fewer native pixels than label pixels get W_g applied once at native resolution (shared by
-        all tiles) while the results fit in ``native_budget_gb``; the others are sampled per tile.
+        Whole label maps (``first_layer_dense``) for as many images at a time as fit in ``memory_gb`` of hidden
+        activations; for label maps too large for that, bands of rows through ``first_layer_at``.
         """
         self.eval()
-        size = self.label_size
-        rows_per_tile = max(1, tile_pixels // size)
-        device = self.ensemble.weight1.device
-        batch, width = features[0].shape[0], self.ensemble.weight1.shape[0]
-        which, budget = [], native_budget_gb * 2**30
-        for i, g in sorted(enumerate(self.groups), key=lambda t: t[1].resolution):
-            cost = batch * width * g.resolution**2 * 4
-            if g.resolution < size and cost <= budget:
-                which.append(i)
-                budget -= cost
-        native = native_first_layer(features, self.groups, self.ensemble.weight1, which)
-        tiles = []
-        for r0 in range(0, size, rows_per_tile):
-            grid = pixel_grid(size, slice(r0, r0 + rows_per_tile), device)
-            points = grid[None].expand(batch, -1, -1)
-            tiles.append(self.outputs_at(features, points, native))
-        out = torch.cat(tiles, 1)  # (B, L*L, M, O)
-        b, _, m, o = out.shape
-        return out.permute(0, 2, 3, 1).reshape(b, m, o, size, size)
+        e, size = self.ensemble, self.label_size
+        batch, width = features[0].shape[0], e.weight1.shape[0]
+        out = []
+        if width * size * size * 4 <= memory_gb * 2**30:
+            step = max(1, int(memory_gb * 2**30 // (width * size * size * 4)))
+            for i in range(0, batch, step):
+                h = first_layer_dense([f[i:i + step] for f in features], self.groups, e.weight1, e.bias1, size)
+                out.append(e.forward_hidden(h.reshape(-1, width)).reshape(h.shape[0], size * size, e.members, -1))
+        else:
+            rows = max(1, int(memory_gb * 2**30 // (width * size * 4)))
+            for i in range(batch):
+                feats = [f[i:i + 1] for f in features]
+                out.append(torch.cat([self.outputs_at(feats, pixel_grid(size, slice(r, r + rows),
+                                                                        e.weight1.device)[None])
+                                      for r in range(0, size, rows)], 1))
+        out = torch.cat(out)                                             # (B, L * L, M, O)
+        return out.permute(0, 2, 3, 1).reshape(batch, e.members, -1, size, size)
 
     @torch.no_grad()
-    def predict(self, ws: torch.Tensor, tile_pixels: int = 16384) -> dict:
+    def predict(self, ws: torch.Tensor) -> dict:
         """For W+ latents (B, n_latent, w_dim): {"images": (B, 3, R, R) in [-1, 1], task name: [per-image dict
         from the task's ``decode``: label, uncertainty (L, L), score, ...]}."""
         images, feats = self.features(ws.to(self.ensemble.weight1.device))
-        outputs = self.dense_outputs(feats, tile_pixels)
+        outputs = self.dense_outputs(feats)
         result = {"images": images.clamp(-1, 1), "label_size": self.label_size}
         for task in self.tasks:
             sl = self.slices[task.name]

@@ -77,12 +77,13 @@ def training_loss(model: LabelGenerator, data: PixelData, indices: list[int], pi
 
     size = model.label_size
     out = model.outputs_at(data.features(indices), pixel_points(pixel_indices, size))  # (B, P, M, O)
+    out = out.reshape(-1, *out.shape[2:])                                           # (B * P, M, O)
     total, parts = 0.0, {}
     for task in model.tasks:
         sl = model.slices[task.name]
         targets = torch.cat([task.targets(data.targets[i][task.name], pixel_indices[k], size)
                              for k, i in enumerate(indices)])
-        outputs = out[..., sl].reshape(-1, out.shape[2], task.out_channels)
+        outputs = out[..., sl]
         loss = task.loss(outputs, targets)
         parts[task.name] = float(loss.detach())
         total = total + loss

@@ -1,0 +1,70 @@
+"""Labeled-image throughput of generation vs plain image generation, side by side in one run.
+
+    python benchmarks/generate.py --label-generator runs/heads-pipeline/label_generator [--n 256] [--rounds 3]
+
+Variants, alternated for ``--rounds`` rounds so that machine noise hits both (best round reported):
+    images   G.mapping + G.synthesis only (what sampling a GAN costs)
+    labeled  the same plus features, the label generator's ensemble at every label pixel and the decoding of
+             every task with its uncertainty (``LabelGenerator.predict``), i.e. ``handsoff generate`` minus
+             file writing
+    written  the whole ``generate_dataset`` run, files and all (one round, into a temporary folder)
+
+The goal (issue 7): labels cost at most 25% extra over the generator, i.e. labeled / images >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from handsoff.generation import GenerationConfig, generate_dataset
+from handsoff.generator.sampling import latents_for_seeds
+from handsoff.label_generator import load_label_generator
+from handsoff.runtime import tune_allocator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label-generator", required=True)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tune_allocator()
+    model = load_label_generator(args.label_generator)
+    G = model.G
+    z = latents_for_seeds(0, range(args.n), G.z_dim)
+    rates = {"images": [], "labeled": []}
+    with torch.no_grad():
+        model.predict_z(z[:args.batch])  # warm-up
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            for i in range(0, args.n, args.batch):
+                G(z[i:i + args.batch], truncation_psi=0.7)
+            rates["images"].append(args.n / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for i in range(0, args.n, args.batch):
+                model.predict_z(z[i:i + args.batch], truncation_psi=0.7)
+            rates["labeled"].append(args.n / (time.perf_counter() - t0))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        generate_dataset(model, f"{tmp}/ds", GenerationConfig(n=args.n, batch=args.batch), progress=False)
+        written = args.n / (time.perf_counter() - t0)
+    tasks = ",".join(t.name for t in model.tasks)
+    e = model.ensemble
+    print(f"generator {G.img_resolution} px, label generator: {tasks}, {e.members} members {e.hidden}/{e.hidden2}, "
+          f"labels {model.label_size} px; n={args.n}, batch {args.batch}, {torch.get_num_threads()} threads")
+    print(f"{'variant':<10}{'img/s (best)':>14}{'img/s (mean)':>14}")
+    for name, r in rates.items():
+        print(f"{name:<10}{max(r):>14.1f}{sum(r) / len(r):>14.1f}")
+    print(f"{'written':<10}{written:>14.1f}{'':>14}")
+    ratio = max(rates["labeled"]) / max(rates["images"])
+    print(f"labeled / images throughput: {ratio:.2f} (labels cost {100 * (1 / ratio - 1):.0f}% extra; "
+          f"goal <= 25%)")
+
+
+if __name__ == "__main__":
+    main()
