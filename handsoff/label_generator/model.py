@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from handsoff.fileio import atomic_save
-from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_dense, pixel_grid
+from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_dense
 from handsoff.label_generator.tasks import task_from_config
 
 
@@ -42,35 +42,39 @@ class MLPEnsemble(nn.Module):
         self.bias3 = nn.Parameter(torch.zeros(members, out_channels))
 
     @staticmethod
-    def _fold(bn: nn.BatchNorm1d, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fold(bn: nn.BatchNorm1d, weight: torch.Tensor, bias: torch.Tensor, members: slice
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold an eval-mode BatchNorm (per input channel of ``weight`` (M, I, O)) into the next layer."""
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
         m, i, _ = weight.shape
-        return weight * scale.view(m, i, 1), bias + torch.einsum("mi,mio->mo", shift.view(m, i), weight)
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, i)[members]
+        shift = bn.bias.view(-1, i)[members] - bn.running_mean.view(-1, i)[members] * scale
+        return weight * scale[..., None], bias + torch.einsum("mi,mio->mo", shift, weight)
 
-    def forward_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """First-layer pre-activations as rows (N, M * hidden) -> outputs (N, M, out_channels).
+    def forward_hidden(self, h: torch.Tensor, members: slice | None = None) -> torch.Tensor:
+        """First-layer pre-activations as rows (N, M' * hidden) -> outputs (N, M', out_channels), for all members
+        or (eval mode only) the slice ``members`` whose first-layer rows ``h`` holds.
 
         In eval mode both BatchNorms are folded into the following layers, and the per-member products read the
-        rows in place (strided batched matmul), so a dense label map costs few passes over its N x M * hidden
-        activations.
+        rows in place (strided batched matmul), so a dense label map costs few passes over its activations.
         """
-        n, m = h.shape[0], self.members
+        members = members or slice(0, self.members)
+        n, m = h.shape[0], len(range(self.members)[members])
         h = F.relu(h, inplace=not torch.is_grad_enabled())
         if self.training:
+            if m != self.members:
+                raise ValueError("training runs all members at once (BatchNorm statistics span the ensemble)")
             h = self.bn1(h)
             w2, b2 = self.weight2, self.bias2
         else:
-            w2, b2 = self._fold(self.bn1, self.weight2, self.bias2)
-        h = torch.bmm(h.view(n, m, self.hidden).transpose(0, 1), w2) + b2[:, None]  # (M, N, hidden2)
+            w2, b2 = self._fold(self.bn1, self.weight2[members], self.bias2[members], members)
+        h = torch.bmm(h.view(n, m, self.hidden).transpose(0, 1), w2) + b2[:, None]  # (M', N, hidden2)
         h = F.relu(h, inplace=not torch.is_grad_enabled())
         if self.training:
             h = self.bn2(h.transpose(0, 1).reshape(n, -1)).view(n, m, self.hidden2).transpose(0, 1)
             w3, b3 = self.weight3, self.bias3
         else:
-            w3, b3 = self._fold(self.bn2, self.weight3, self.bias3)
-        return (torch.bmm(h, w3) + b3[:, None]).transpose(0, 1)  # (N, M, out_channels)
+            w3, b3 = self._fold(self.bn2, self.weight3[members], self.bias3[members], members)
+        return (torch.bmm(h, w3) + b3[:, None]).transpose(0, 1)  # (N, M', out_channels)
 
     def forward(self, hypercolumns: torch.Tensor) -> torch.Tensor:
         """Reference path on materialized hypercolumns (N, C) -> (N, M, out_channels)."""
@@ -123,25 +127,26 @@ class LabelGenerator(nn.Module):
     def dense_outputs(self, features: list[torch.Tensor], memory_gb: float = 1.0) -> torch.Tensor:
         """Outputs at every label pixel: (B, M, out_channels, L, L).
 
-        Whole label maps (``first_layer_dense``) for as many images at a time as fit in ``memory_gb`` of hidden
-        activations; for label maps too large for that, bands of rows through ``first_layer_at``.
+        Members are independent, so the dense first layer (``first_layer_dense``) runs for as many members and
+        images at a time as keep the hidden activations within ``memory_gb`` (at least one member of one image).
         """
         self.eval()
         e, size = self.ensemble, self.label_size
-        batch, width = features[0].shape[0], e.weight1.shape[0]
+        batch = features[0].shape[0]
+        per_member = size * size * e.hidden * 4
+        members_per_chunk = int(min(e.members, max(1, memory_gb * 2**30 // per_member)))
+        images_per_chunk = int(max(1, memory_gb * 2**30 // (per_member * members_per_chunk)))
         out = []
-        if width * size * size * 4 <= memory_gb * 2**30:
-            step = max(1, int(memory_gb * 2**30 // (width * size * size * 4)))
-            for i in range(0, batch, step):
-                h = first_layer_dense([f[i:i + step] for f in features], self.groups, e.weight1, e.bias1, size)
-                out.append(e.forward_hidden(h.reshape(-1, width)).reshape(h.shape[0], size * size, e.members, -1))
-        else:
-            rows = max(1, int(memory_gb * 2**30 // (width * size * 4)))
-            for i in range(batch):
-                feats = [f[i:i + 1] for f in features]
-                out.append(torch.cat([self.outputs_at(feats, pixel_grid(size, slice(r, r + rows),
-                                                                        e.weight1.device)[None])
-                                      for r in range(0, size, rows)], 1))
+        for i in range(0, batch, images_per_chunk):
+            feats = [f[i:i + images_per_chunk] for f in features]
+            parts = []
+            for m0 in range(0, e.members, members_per_chunk):
+                members = slice(m0, min(m0 + members_per_chunk, e.members))
+                rows = slice(members.start * e.hidden, members.stop * e.hidden)
+                h = first_layer_dense(feats, self.groups, e.weight1[rows], e.bias1[rows], size)
+                parts.append(e.forward_hidden(h.view(-1, h.shape[-1]), members).reshape(
+                    h.shape[0], size * size, members.stop - members.start, -1))
+            out.append(torch.cat(parts, 2))
         out = torch.cat(out)                                             # (B, L * L, M, O)
         return out.permute(0, 2, 3, 1).reshape(batch, e.members, -1, size, size)
 
