@@ -26,8 +26,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
 PLANNED = {
-    "train-downstream": "train a downstream network on a dataset",
-    "evaluate": "evaluate a downstream network on real labeled images",
     "benchmark": "HandsOff vs transfer learning vs oracle on the heads domain",
 }
 
@@ -325,6 +323,47 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train_downstream(args) -> int:
+    from handsoff.downstream import train_downstream
+    from handsoff.label_generator import parse_task_names
+
+    result = train_downstream(args.data.split(","), args.val, args.out, tasks=parse_task_names(args.tasks),
+                              backbone=args.backbone, backbone_weights=args.backbone_weights, epochs=args.epochs,
+                              batch_size=args.batch, lr=args.lr, patience=args.patience, size=args.size,
+                              seed=args.seed, max_images_per_epoch=args.images_per_epoch)
+    best = max(result["history"], key=lambda h: h["score"])
+    print(f"wrote {args.out}/model.pt (best epoch {best['epoch']} of {len(result['history'])} on the validation "
+          f"split: {json.dumps(best['val'])})")
+    return 0
+
+
+def _metric_table(rows: dict[str, dict]) -> str:
+    cols = [c for c in ("miou", "pck@0.1", "pck@0.05", "pck@0.02", "depth_mse", "depth_rmse", "depth_rmse_log",
+                        "depth_nmse") if any(c in r for r in rows.values())]
+    lines = [f"{'':<12}" + "".join(f"{c:>15}" for c in cols)]
+    for name, r in rows.items():
+        lines.append(f"{name:<12}" + "".join(f"{r[c]:>15.4f}" if c in r else f"{'-':>15}" for c in cols))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    from handsoff.data.dataset import LabeledImageDataset
+    from handsoff.downstream import evaluate_model, load_downstream
+    from handsoff.fileio import atomic_write_bytes
+    from handsoff.label_generator.tasks import Depth
+
+    model, config = load_downstream(args.model)
+    data = LabeledImageDataset(args.data, size=config.get("size"))
+    depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
+    metrics = evaluate_model(model, data, depth, class_names=config.get("classes"))
+    out = Path(args.out) if args.out else Path(args.model) / "metrics.json"
+    atomic_write_bytes(out, (json.dumps({"model": str(args.model), "data": str(args.data), **metrics},
+                                        indent=1) + "\n").encode())
+    print(_metric_table({Path(args.model).name: metrics}))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_render_heads(args) -> int:
     from handsoff.domains.heads import write_heads_dataset
 
@@ -524,6 +563,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", help="use this generator instead of the one the label generator records")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train-downstream", help="train a DeepLabV3 (a head per task) on labeled datasets")
+    p.add_argument("--data", required=True, help="dataset folder(s), comma-separated (standard layout)")
+    p.add_argument("--val", required=True, help="validation dataset for checkpoint selection (never the test set)")
+    p.add_argument("--tasks", default="seg")
+    p.add_argument("--out", required=True, help="run folder (resumes if it holds state.pt)")
+    p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
+    p.add_argument("--backbone-weights", help="local torchvision ImageNet state dict (never downloaded)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without improvement")
+    p.add_argument("--size", type=int, default=None, help="train at this resolution (default: the data's)")
+    p.add_argument("--images-per-epoch", type=int, default=None, help="cap the images drawn per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_downstream)
+
+    p = sub.add_parser("evaluate", help="evaluate a downstream model on real labeled images")
+    p.add_argument("--model", required=True, help="run folder from train-downstream")
+    p.add_argument("--data", required=True, help="labeled test dataset")
+    p.add_argument("--out", default=None, help="metrics JSON (default MODEL/metrics.json)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)

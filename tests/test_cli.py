@@ -16,7 +16,7 @@ def test_help_lists_the_pipeline_stages():
 
 
 def test_planned_stage_is_refused_clearly(capsys):
-    assert main(["evaluate"]) == 2
+    assert main(["benchmark"]) == 2
     assert "not available in this version yet" in capsys.readouterr().err
 
 

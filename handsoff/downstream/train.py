@@ -1,0 +1,204 @@
+"""Training and evaluating the downstream network: a plain, boring loop (torchvision reference-script style).
+
+Data: one or more datasets in the standard layout (folders, or generated WebDataset shards), served by
+``LabeledImageDataset`` with joint crop / flip augmentation. Losses per task: cross-entropy (seg), MSE on
+Gaussian heatmaps (kp, scaled by ``KEYPOINT_LOSS_WEIGHT``), MSE on normalized log depth (depth, valid pixels).
+Adam (HandsOff: 1e-3, batch 8, 20 epochs) with early stopping: after each epoch the model is scored on the
+validation split (never the test split); the best epoch's weights are kept; training stops after ``patience``
+epochs without improvement. The run folder holds ``model.pt`` (best weights + config), ``state.pt``
+(resumable: last epoch's weights, optimizer, history) and ``history.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from handsoff.data.dataset import LabeledImageDataset
+from handsoff.downstream.model import DenseModel
+from handsoff.fileio import atomic_save
+from handsoff.label_generator.tasks import Depth, Keypoints
+from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
+
+KEYPOINT_LOSS_WEIGHT = 100.0  # heatmap MSE is tiny next to cross-entropy; this brings it to a similar scale
+TASK_KEYS = {"seg": "mask", "kp": "keypoints", "depth": "depth"}
+
+
+def heatmaps(keypoints: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Gaussian heatmaps (B, K, size, size) for keypoints (B, K, 3) in pixels; labeled (v > 0) only."""
+    ys = torch.arange(size, dtype=torch.float32, device=keypoints.device) + 0.5
+    xs = ys
+    dx = (xs[None, None, None, :] - keypoints[..., 0, None, None]) ** 2
+    dy = (ys[None, None, :, None] - keypoints[..., 1, None, None]) ** 2
+    heat = torch.exp(-(dx + dy) / (2 * sigma**2))
+    return heat * (keypoints[..., 2] > 0).float()[..., None, None]
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {"image": torch.stack([s["image"] for s in samples])}
+    for key in ("mask", "depth", "keypoints"):
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples])
+    return out
+
+
+def task_losses(outputs: dict, batch: dict, depth_task: Depth | None, sigma: float) -> dict[str, torch.Tensor]:
+    losses = {}
+    if "seg" in outputs:
+        losses["seg"] = F.cross_entropy(outputs["seg"], batch["mask"])
+    if "kp" in outputs:
+        target = heatmaps(batch["keypoints"], outputs["kp"].shape[-1], sigma)
+        losses["kp"] = KEYPOINT_LOSS_WEIGHT * F.mse_loss(outputs["kp"], target)
+    if "depth" in outputs:
+        d = batch["depth"]
+        valid = torch.isfinite(d) & (d > 0)
+        t = depth_task.forward_transform(torch.where(valid, d, torch.ones_like(d)))
+        losses["depth"] = ((outputs["depth"] - t) ** 2)[valid].mean() if valid.any() else outputs["depth"].sum() * 0
+    return losses
+
+
+@torch.no_grad()
+def evaluate_model(model: DenseModel, dataset, depth_task: Depth | None = None, batch_size: int = 16,
+                   class_names: list[str] | None = None, sigma: float = 1.5) -> dict:
+    """Metrics of ``model`` on a dataset: seg mIoU (+ per class), kp PCK@0.1/0.05/0.02, depth MSE/RMSE/
+    RMSE-log/nMSE."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    heads = model.config["heads"]
+    conf, kp_pred, kp_true, d_pred, d_true = None, [], [], [], []
+    for batch in loader:
+        out = model(batch["image"])
+        if "seg" in heads:
+            c = confusion_matrix(out["seg"].argmax(1), batch["mask"], heads["seg"])
+            conf = c if conf is None else conf + c
+        if "kp" in heads:
+            peaks = Keypoints.peak(out["kp"])
+            kp_pred.append(torch.cat([peaks[..., :2], torch.where(peaks[..., 2:] > 0.3, 2.0, 0.0)], -1))
+            kp_true.append(batch["keypoints"])
+        if "depth" in heads:
+            d_pred += list(depth_task.inverse(out["depth"][:, 0]))
+            d_true += list(batch["depth"][:, 0])
+    result = {}
+    if conf is not None:
+        result["segmentation"] = miou(conf, class_names)
+        result["miou"] = result["segmentation"]["miou"]
+    if kp_pred:
+        size = dataset[0]["image"].shape[-1]
+        result["keypoints"] = pck(torch.cat(kp_pred), torch.cat(kp_true), size)
+        result.update({k: v for k, v in result["keypoints"].items() if k.startswith("pck")})
+    if d_pred:
+        result["depth"] = depth_errors(d_pred, d_true)
+        result.update({f"depth_{k}": v for k, v in result["depth"].items()})
+    return result
+
+
+def selection_score(metrics: dict) -> float:
+    """Higher is better: mean of the available headline metrics (mIoU, PCK@0.1, 1 - min(nMSE, 1))."""
+    parts = [metrics[k] for k in ("miou", "pck@0.1") if k in metrics and not math.isnan(metrics[k])]
+    if "depth_nmse" in metrics and not math.isnan(metrics["depth_nmse"]):
+        parts.append(1 - min(metrics["depth_nmse"], 1.0))
+    return float(np.mean(parts)) if parts else float("-inf")
+
+
+def _depth_task(datasets) -> Depth:
+    depth = Depth()
+    maps = []
+    for ds in datasets:
+        for i in range(min(len(ds), 200)):
+            maps.append(ds.folder.load(ds.folder.names[i])["depth"] if hasattr(ds, "folder") else ds[i]["depth"])
+    depth.fit_normalization([np.asarray(m) for m in maps])
+    return depth
+
+
+def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.PathLike, out: str | os.PathLike, *,
+                     tasks: list[str], backbone: str = "resnet18", backbone_weights: str | None = None,
+                     epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5, size: int | None = None,
+                     sigma: float = 1.5, seed: int = 0, max_images_per_epoch: int | None = None,
+                     progress: bool = True) -> dict:
+    """Train on the union of ``train_dirs``, select on ``val_dir``; resumable from ``out/state.pt``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    train_sets = [LabeledImageDataset(d, size=size, augment=True, seed=seed) for d in train_dirs]
+    val_set = LabeledImageDataset(val_dir, size=size)
+    card = train_sets[0].card
+    heads = {}
+    for t in tasks:
+        if t == "seg":
+            heads["seg"] = len(card.classes)
+        elif t == "kp":
+            heads["kp"] = len(card.keypoint_names)
+        elif t == "depth":
+            heads["depth"] = 1
+    depth_task = _depth_task(train_sets) if "depth" in heads else None
+    model = DenseModel(backbone, heads, backbone_weights)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    train = torch.utils.data.ConcatDataset(train_sets)
+    history, best, start = [], -math.inf, 0
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        history, best, start = state["history"], state["best"], state["epoch"]
+        torch.set_rng_state(state["rng"])
+    config = {**model.config, "tasks": tasks, "train": [str(d) for d in train_dirs], "val": str(val_dir),
+              "epochs": epochs, "batch_size": batch_size, "lr": lr, "sigma": sigma, "size": size,
+              "classes": card.classes, "keypoint_names": card.keypoint_names,
+              "depth": depth_task.config() if depth_task else None}
+    for epoch in range(start, epochs):
+        for ds in train_sets:
+            ds.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        n = len(train) if max_images_per_epoch is None else min(len(train), max_images_per_epoch)
+        sampler = torch.utils.data.RandomSampler(train, num_samples=n, generator=gen)
+        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                             drop_last=n >= batch_size)
+        model.train()
+        sums: dict[str, float] = {}
+        with tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress) as bar:
+            for batch in bar:
+                losses = task_losses(model(batch["image"]), batch, depth_task, sigma)
+                loss = sum(losses.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        metrics = evaluate_model(model, val_set, depth_task, class_names=card.classes, sigma=sigma)
+        score = selection_score(metrics)
+        history.append({"epoch": epoch + 1, "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
+                        "val": {k: v for k, v in metrics.items() if not isinstance(v, dict)}, "score": score})
+        if score > best:
+            best = score
+            atomic_save(out / "model.pt", lambda tmp: torch.save({"config": config,
+                                                                  "model": model.state_dict()}, tmp))
+        atomic_save(state_path, lambda tmp: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                                        "history": history, "best": best, "epoch": epoch + 1,
+                                                        "rng": torch.get_rng_state()}, tmp))
+        atomic_save(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+        best_epoch = max(history, key=lambda h: h["score"])["epoch"]
+        if epoch + 1 - best_epoch >= patience:
+            break
+    return {"history": history, "best_score": best, "config": config}
+
+
+def load_downstream(path: str | os.PathLike) -> tuple[DenseModel, dict]:
+    """(model in eval mode, its config) from a run folder or its model.pt."""
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no trained downstream model (run `handsoff train-downstream`)")
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    config = saved["config"]
+    model = DenseModel(config["backbone"], config["heads"])
+    model.load_state_dict(saved["model"])
+    return model.eval(), config
