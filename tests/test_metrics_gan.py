@@ -34,7 +34,8 @@ def test_class_statistics_by_hand():
 def small_probe():
     images, masks, factors = render_real(heads.SPLIT_SEEDS["oracle"], 0, 96, size=16, progress=False)
     targets = heads.probe_targets(factors, masks.numpy())
-    probe = train_probe(images, masks, targets, len(heads.CLASSES), epochs=12, batch=16, lr=5e-3, width=8, progress=False)
+    probe = train_probe(images, masks, targets, len(heads.CLASSES), epochs=12, batch=16, lr=5e-3, width=8,
+                        progress=False)
     return probe, images, masks
 
 

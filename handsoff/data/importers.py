@@ -92,7 +92,8 @@ def import_handsoff_faces(src: str | os.PathLike, out: str | os.PathLike, mappin
             raise DatasetError(f"{masks[key]}: mask shape {mask.shape} does not match image {image.shape[:2]}")
         bad = np.unique(mask[(mask < 0) | (mask >= len(source.classes))])
         if bad.size:
-            raise DatasetError(f"{masks[key]}: unknown class ids {bad.tolist()} (expected 0..{len(source.classes) - 1})")
+            raise DatasetError(f"{masks[key]}: unknown class ids {bad.tolist()} "
+                               f"(expected 0..{len(source.classes) - 1})")
         writer.add(f"image_{key}", image, lut[mask.astype(np.int64)].astype(np.uint8))
     writer.close()
     return {"images": len(images), "classes": target.classes}

@@ -119,7 +119,8 @@ def _depth_task(datasets) -> Depth:
 
 def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.PathLike, out: str | os.PathLike, *,
                      tasks: list[str], backbone: str = "resnet18", backbone_weights: str | None = None,
-                     epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5, size: int | None = None,
+                     epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5,
+                     size: int | None = None,
                      sigma: float = 1.5, seed: int = 0, max_images_per_epoch: int | None = None,
                      progress: bool = True) -> dict:
     """Train on the union of ``train_dirs``, select on ``val_dir``; resumable from ``out/state.pt``."""

@@ -145,7 +145,8 @@ def train_encoder(G, perceptual: nn.Module | None, *, steps: int = 2000, batch: 
             loss.backward()
             opt.step()
             sched.step()
-            entry = {"step": step, "iteration": t, "latent": float(loss_latent.detach()), "mse": float(loss_mse.detach()),
+            entry = {"step": step, "iteration": t, "latent": float(loss_latent.detach()),
+                     "mse": float(loss_mse.detach()),
                      "perceptual": float(loss_p.detach())}
             if log is not None:
                 log.append(entry)

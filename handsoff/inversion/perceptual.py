@@ -103,7 +103,8 @@ class LPIPS(nn.Module):
         expected = set(self.features.state_dict())
         missing = sorted(expected - set(wanted))
         if missing:
-            raise CheckpointError(f"{vgg_path}: not a torchvision vgg16 state dict (missing {', '.join(missing[:4])} ...)")
+            raise CheckpointError(f"{vgg_path}: not a torchvision vgg16 state dict "
+                                  f"(missing {', '.join(missing[:4])} ...)")
         try:
             self.features.load_state_dict({k: wanted[k] for k in expected})
         except RuntimeError as e:
@@ -152,6 +153,7 @@ def build_perceptual(kind: str, discriminator: nn.Module | None = None, lpips_vg
         return DiscriminatorFeatureDistance(discriminator)
     if kind == "lpips":
         if not lpips_vgg or not lpips_lin:
-            raise CheckpointError("LPIPS needs --lpips-vgg (torchvision vgg16 state dict) and --lpips-lin (linear heads)")
+            raise CheckpointError("LPIPS needs --lpips-vgg (torchvision vgg16 state dict) and --lpips-lin "
+                                  "(linear heads)")
         return LPIPS(lpips_vgg, lpips_lin)
     raise ValueError(f"unknown perceptual distance {kind!r}; choose 'discriminator' or 'lpips'")
