@@ -136,3 +136,14 @@ def test_two_workers_equal_one(tmp_path, label_generator):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert main(_generate(label_generator, tmp_path / "one", n=24, batch=4)) == 0
     assert _tree(tmp_path / "two") == _tree(tmp_path / "one")
+
+
+def test_downstream_dataset_reads_webdataset_output(tmp_path, label_generator):
+    from handsoff.data.dataset import LabeledImageDataset
+
+    out = tmp_path / "wds"
+    assert main(_generate(label_generator, out, "--format", "webdataset", "--shards", "3")) == 0
+    data = LabeledImageDataset(out, augment=True)
+    item = data[0]
+    assert len(data) == 22 and item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
+    assert item["keypoints"].shape == (2, 3) and item["depth"].shape == (1, 32, 32)

@@ -13,8 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from handsoff.data.layout import LabeledFolder
-
 
 def _flip_permutation(names: list[str], pairs) -> np.ndarray:
     perm = np.arange(len(names))
@@ -82,7 +80,9 @@ class LabeledImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, size: int | None = None, augment: bool = False,
                  crop_scale: tuple[float, float] = (0.8, 1.0), flip_p: float = 0.5, seed: int = 0):
-        self.folder = LabeledFolder(root)
+        from handsoff.data.webdataset import open_labeled
+
+        self.folder = open_labeled(root)  # a standard-layout folder, or WebDataset shards
         self.card = self.folder.card
         self.size, self.augment, self.crop_scale, self.flip_p, self.seed = size, augment, crop_scale, flip_p, seed
         self.epoch = 0

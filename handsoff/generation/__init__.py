@@ -22,7 +22,7 @@ first ceil(f * n) candidates whose predicted mask contains the class plus the fi
 that do not. Candidates are generated in rounds until both quotas are full; the others are recorded as rejected.
 """
 
+from handsoff.data.webdataset import read_webdataset, write_webdataset
 from handsoff.generation.run import GenerationConfig, generate_dataset
-from handsoff.generation.webdataset import read_webdataset, write_webdataset
 
 __all__ = ["GenerationConfig", "generate_dataset", "read_webdataset", "write_webdataset"]

@@ -16,8 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from handsoff.data.layout import DatasetCard, DatasetError, atomic_write_json
+from handsoff.data.webdataset import write_webdataset
 from handsoff.fileio import atomic_save, atomic_write_bytes
-from handsoff.generation.webdataset import write_webdataset
 from handsoff.generator.sampling import latents_for_seeds
 
 PROGRESS_DIR = ".progress"

@@ -103,3 +103,38 @@ def read_webdataset(paths: str | os.PathLike | list) -> Iterator[dict]:
                     current[field] = value
         if current is not None:
             yield current
+
+
+class ShardedDataset:
+    """A dataset folder whose samples are in WebDataset shards (``handsoff generate --format webdataset``):
+    ``dataset.json`` plus ``*.tar``. Same read API as ``LabeledFolder`` (card, names, load); the shards are read
+    into memory once (labeled data for dense tasks at the resolutions handsoff generates fits easily)."""
+
+    def __init__(self, root: str | os.PathLike):
+        from handsoff.data.layout import DatasetCard
+
+        self.root = Path(root)
+        card_path = self.root / "dataset.json"
+        if not card_path.is_file():
+            raise DatasetError(f"{self.root}: no dataset.json; not a handsoff dataset")
+        self.card = DatasetCard.from_json(json.loads(card_path.read_text()), card_path)
+        self.samples = {s["name"]: s for s in read_webdataset(self.root)}
+        if not self.samples:
+            raise DatasetError(f"{self.root}: no samples in its shards")
+        self.names = sorted(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, name: str) -> dict:
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.samples[name].items()}
+
+
+def open_labeled(root: str | os.PathLike):
+    """``LabeledFolder`` for the standard folder layout, ``ShardedDataset`` for WebDataset shards."""
+    from handsoff.data.layout import LabeledFolder
+
+    root = Path(root)
+    if not (root / "images").is_dir() and any(root.glob("*.tar")):
+        return ShardedDataset(root)
+    return LabeledFolder(root)
