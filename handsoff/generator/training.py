@@ -273,7 +273,7 @@ def train_step(state: TrainingState, reals: torch.Tensor, config: TrainingConfig
             state.pl_mean += config.pl_decay * (float(lengths.detach().mean()) - state.pl_mean)
             penalty = (lengths - state.pl_mean).square().mean()
             (penalty * config.pl_weight * config.pl_interval / len(rounds)).backward()
-            pl_total += float(penalty) / len(rounds)
+            pl_total += float(penalty.detach()) / len(rounds)
         _clean_grads(G)
         state.opt_G.step()
         stats["pl_penalty"] = pl_total
@@ -307,7 +307,7 @@ def train_step(state: TrainingState, reals: torch.Tensor, config: TrainingConfig
             (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
             penalty = grad.square().sum(dim=(1, 2, 3)).mean()
             (penalty * (config.gamma / 2) * config.r1_interval / len(rounds)).backward()
-            r1_total += float(penalty) / len(rounds)
+            r1_total += float(penalty.detach()) / len(rounds)
         _clean_grads(D)
         state.opt_D.step()
         stats["r1_penalty"] = r1_total
