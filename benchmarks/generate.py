@@ -32,6 +32,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--class-frequency", type=int, default=0, metavar="N",
+                        help="also generate N images (after filtering) and compare their class frequencies with N "
+                        "real rendered heads (heads label generators only)")
+    parser.add_argument("--truncation", type=float, default=0.7)
     args = parser.parse_args()
     tune_allocator()
     model = load_label_generator(args.label_generator)
@@ -64,6 +68,35 @@ def main() -> None:
     ratio = max(rates["labeled"]) / max(rates["images"])
     print(f"labeled / images throughput: {ratio:.2f} (labels cost {100 * (1 / ratio - 1):.0f}% extra; "
           f"goal <= 25%)")
+    if args.class_frequency:
+        class_frequency(model, args.class_frequency, args.truncation, args.batch)
+
+
+def class_frequency(model, n: int, truncation: float, batch: int) -> None:
+    """Class frequencies of a generated heads dataset (n kept images) vs n real rendered heads (test split)."""
+    import json
+    import math
+
+    import numpy as np
+
+    from handsoff.domains import heads
+    from handsoff.generation.run import PRESENCE_PIXELS
+
+    n_total = math.ceil(n / 0.9)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_dataset(model, f"{tmp}/ds", GenerationConfig(n=n_total, batch=batch, truncation=truncation))
+        stats = json.loads(open(f"{tmp}/ds/dataset.json").read())["source"]["statistics"]
+    real = np.concatenate([heads.render_heads(heads.SPLIT_SEEDS["test"], range(i, min(i + 64, n)), 64).masks
+                           for i in range(0, n, 64)]).astype(np.int64)
+    counts = np.stack([np.bincount(m.reshape(-1), minlength=len(heads.CLASSES)) for m in real])
+    pixel_share = counts.sum(0) / counts.sum()
+    image_share = (counts >= PRESENCE_PIXELS).mean(0)
+    print(f"\nclass frequencies: {stats['counts']['kept']} generated (truncation {truncation}, 10% most uncertain "
+          f"dropped) vs {n} real rendered heads")
+    print(f"{'class':<11}{'pixels gen':>11}{'pixels real':>12}{'images gen':>11}{'images real':>12}")
+    for i, c in enumerate(heads.CLASSES):
+        print(f"{c:<11}{stats['class_pixel_share'][c]:>11.4f}{pixel_share[i]:>12.4f}"
+              f"{stats['class_image_share'][c]:>11.3f}{image_share[i]:>12.3f}")
 
 
 if __name__ == "__main__":
