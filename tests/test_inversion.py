@@ -83,6 +83,12 @@ def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_noise(k
         d = [loss(x, (x + s * noise).clamp(-1, 1)) for s in (0.0, 0.05, 0.3)]
     assert torch.all(d[0].abs() < 1e-6)
     assert torch.all(d[1] > 0) and torch.all(d[2] > d[1])
+    # Target features are cached per target tensor; an in-place change of the target is noticed.
+    y = x.clone()
+    with torch.no_grad():
+        assert torch.all(loss(x, y).abs() < 1e-6)
+        y.add_(0.3 * noise).clamp_(-1, 1)
+        torch.testing.assert_close(loss(x, y), d[2])
 
 
 def test_lpips_weight_files_are_checked(tmp_path):

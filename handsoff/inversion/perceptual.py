@@ -18,6 +18,7 @@ can be recorded with the latents it produced.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,6 +32,23 @@ def _unit_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x / (x.square().sum(dim=1, keepdim=True).sqrt() + eps)
 
 
+class _TargetCache:
+    """Features of the last target batch: optimization compares many reconstructions with the same targets, so
+    their features (computed without gradient) are reused while the same tensor, unchanged, comes back."""
+
+    def __init__(self):
+        self.ref, self.version, self.value = None, None, None
+
+    def get(self, y: torch.Tensor, compute):
+        if y.requires_grad:
+            return compute(y)
+        # The same tensor object (a weak reference, so a new tensor at a recycled address never matches), unmodified.
+        if self.ref is None or self.ref() is not y or self.version != y._version:
+            with torch.no_grad():
+                self.ref, self.version, self.value = weakref.ref(y), y._version, compute(y)
+        return self.value
+
+
 class DiscriminatorFeatureDistance(nn.Module):
     """Distance between discriminator features of two image batches; ``D`` is frozen (no gradient to it)."""
 
@@ -39,14 +57,15 @@ class DiscriminatorFeatureDistance(nn.Module):
         self.D = discriminator.eval().requires_grad_(False)
         self.layers = layers
         self.name = "discriminator-features"
+        self._targets = _TargetCache()
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.D.block_features(x, force_fp32=True)[1]
+        return [_unit_normalize(f) for f in (feats[:self.layers] if self.layers is not None else feats)]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, fx = self.D.block_features(x, force_fp32=True)
-        _, fy = self.D.block_features(y, force_fp32=True)
-        if self.layers is not None:
-            fx, fy = fx[:self.layers], fy[:self.layers]
-        dists = [(_unit_normalize(a) - _unit_normalize(b)).square().sum(1).mean(dim=(1, 2)) for a, b in zip(fx, fy)]
-        return torch.stack(dists).mean(0)
+        fx, fy = self._features(x), self._targets.get(y, self._features)
+        return torch.stack([(a - b).square().sum(1).mean(dim=(1, 2)) for a, b in zip(fx, fy)]).mean(0)
 
 
 # VGG16 ('D' configuration): conv widths with 'M' for max-pooling, and the indices in torchvision's
@@ -118,6 +137,7 @@ class LPIPS(nn.Module):
             if tuple(lin[key].shape) != (1, c, 1, 1):
                 raise CheckpointError(f"{lin_path}: {key} has shape {tuple(lin[key].shape)}, expected (1, {c}, 1, 1)")
             self.lins.append(nn.Parameter(lin[key].float().clone(), requires_grad=False))
+        self._targets = _TargetCache()
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT)[None, :, None, None])
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE)[None, :, None, None])
         self.eval().requires_grad_(False)
@@ -130,15 +150,15 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in LPIPS_TAPS:
-                out.append(x)
+                out.append(_unit_normalize(x))
                 if len(out) == len(LPIPS_TAPS):
                     break
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = 0
-        for fx, fy, w in zip(self._taps(x), self._taps(y), self.lins):
-            d = (_unit_normalize(fx) - _unit_normalize(fy)).square()
+        for fx, fy, w in zip(self._taps(x), self._targets.get(y, self._taps), self.lins):
+            d = (fx - fy).square()
             total = total + F.conv2d(d, w).mean(dim=(1, 2, 3))
         return total
 
