@@ -29,8 +29,10 @@ PLANNED = {
     "benchmark": "HandsOff vs transfer learning vs oracle on the heads domain",
 }
 
-# The small generator that the demo builds when no trained one is given: 64 px, widths chosen for CPU speed.
-DEMO_GENERATOR = dict(resolution=64, z_dim=256, w_dim=256, n_mlp=8, channel_base=8192, channel_max=256)
+# The shipped generator the demo runs on (trained by handsoff on rendered heads; see README).
+DEMO_GENERATOR = "heads-64"
+# Defaults of init-generator: a slim 64 px StyleGAN2, widths chosen for CPU speed.
+SLIM_GENERATOR = dict(resolution=64, z_dim=256, w_dim=256, n_mlp=8, channel_base=8192, channel_max=256)
 
 
 def _device(name: str) -> torch.device:
@@ -101,20 +103,22 @@ def cmd_init_generator(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """For now: build the small demo generator, save it, and sample a grid from it."""
-    from handsoff.generator import save_networks
+    """For now: samples of the shipped heads generator next to real rendered heads (the end-to-end demo of every
+    stage arrives with the benchmark stage)."""
+    from handsoff.domains import heads
+    from handsoff.generator import load_generator
     from handsoff.visualize import image_grid, save_image_atomic
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    G, D = build_random_networks(DEMO_GENERATOR, args.seed)
-    ckpt = save_networks(out / "generator", G, D, metadata={"init": "random", "seed": args.seed},
-                         overwrite=True)
+    G = load_generator(DEMO_GENERATOR)
     images = sample_images(G, 16, args.seed, 0.7, 16)
     grid = save_image_atomic(image_grid(images), out / "samples.png")
-    print(f"generator: {ckpt}\nsamples:   {grid}\n"
-          f"done in {time.perf_counter() - t0:.1f} s (an untrained generator: the trained demo arrives with "
-          "later stages)")
+    real = heads.render_heads(heads.SPLIT_SEEDS["test"], range(16), G.img_resolution).images
+    real_grid = save_image_atomic(image_grid(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1),
+                                  out / "real.png")
+    print(f"generator: {DEMO_GENERATOR} (shipped, trained on rendered heads)\nsamples:   {grid}\n"
+          f"real:      {real_grid}\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -421,12 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-generator", help="save a randomly initialized StyleGAN2 (no download needed)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--resolution", type=int, default=DEMO_GENERATOR["resolution"])
-    p.add_argument("--z-dim", type=int, default=DEMO_GENERATOR["z_dim"])
-    p.add_argument("--w-dim", type=int, default=DEMO_GENERATOR["w_dim"])
-    p.add_argument("--n-mlp", type=int, default=DEMO_GENERATOR["n_mlp"])
-    p.add_argument("--channel-base", type=int, default=DEMO_GENERATOR["channel_base"])
-    p.add_argument("--channel-max", type=int, default=DEMO_GENERATOR["channel_max"])
+    p.add_argument("--resolution", type=int, default=SLIM_GENERATOR["resolution"])
+    p.add_argument("--z-dim", type=int, default=SLIM_GENERATOR["z_dim"])
+    p.add_argument("--w-dim", type=int, default=SLIM_GENERATOR["w_dim"])
+    p.add_argument("--n-mlp", type=int, default=SLIM_GENERATOR["n_mlp"])
+    p.add_argument("--channel-base", type=int, default=SLIM_GENERATOR["channel_base"])
+    p.add_argument("--channel-max", type=int, default=SLIM_GENERATOR["channel_max"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_init_generator)
