@@ -30,10 +30,12 @@ def test_pck_by_hand():
     target = np.array([[[10, 10, 2], [20, 20, 2], [30, 30, 1], [5, 5, 2]]], float)
     pred = np.array([[[10, 16, 1], [20, 22, 1], [0, 0, 1], [5, 5, 0]]], float)
     out = pck(pred, target, image_size=(50, 100))  # longer side 100: thresholds 10, 5, 2 px
-    # distances of visible points: 6, 2, (occluded one ignored), invisible prediction = miss
+    # distances of visible points: 6, 2, 0 (the occluded target is ignored)
     assert out["count"] == 3
-    assert out["pck@0.1"] == pytest.approx(2 / 3) and out["pck@0.05"] == pytest.approx(1 / 3)
-    assert out["pck@0.02"] == pytest.approx(1 / 3)
+    assert out["pck@0.1"] == pytest.approx(1) and out["pck@0.05"] == pytest.approx(2 / 3)
+    assert out["pck@0.02"] == pytest.approx(2 / 3)
+    strict = pck(pred, target, image_size=(50, 100), strict=True)  # the point predicted invisible is a miss
+    assert strict["pck@0.1"] == pytest.approx(2 / 3) and strict["pck@0.02"] == pytest.approx(1 / 3)
 
 
 def test_depth_errors_by_hand():

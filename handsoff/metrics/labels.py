@@ -3,8 +3,9 @@
 * mIoU (HandsOff's protocol): intersections and unions are summed over the whole dataset, then IoU is averaged
   over classes *including background*; a class that appears in neither predictions nor ground truth of the
   whole dataset has no IoU and is left out of the mean (reported as None).
-* PCK@t: share of visible ground-truth keypoints (COCO v == 2) whose prediction lies within t * (longer image
-  side) pixels; predictions marked invisible count as misses.
+* PCK@t: share of visible ground-truth keypoints (COCO v == 2) whose predicted location lies within t * (longer
+  image side) pixels. The predicted location counts whatever visibility the model predicts for it (the usual
+  definition); ``strict=True`` counts points predicted invisible as misses instead.
 * Depth on valid pixels (finite, > 0 ground truth): MSE, RMSE, RMSE of log depth, and nMSE = per image
   sum((pred - gt)^2) / sum((gt - mean gt)^2), averaged over images (scale-aware, 1.0 for predicting the mean).
 """
@@ -45,14 +46,16 @@ def merge_classes(mask, lut) -> np.ndarray:
     return np.asarray(lut)[_np(mask)]
 
 
-def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 0.02)) -> dict:
-    """PCK over all images: pred (N, K, 2 or 3) pixels (a third column <= 0 marks 'not visible'), target
-    (N, K, 3) with COCO visibility; image_size: side or (H, W). Returns {'pck@t': share, ..., 'count': n}."""
+def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 0.02), strict: bool = False
+        ) -> dict:
+    """PCK over all images: pred (N, K, 2 or 3) pixels (a third column <= 0 marks 'not visible', used only with
+    ``strict``), target (N, K, 3) with COCO visibility; image_size: side or (H, W).
+    Returns {'pck@t': share, ..., 'count': n}."""
     p, t = _np(pred).astype(np.float64), _np(target).astype(np.float64)
     longer = max(image_size) if isinstance(image_size, tuple) else image_size
     visible = t[..., 2] == 2
     dist = np.linalg.norm(p[..., :2] - t[..., :2], axis=-1)
-    if p.shape[-1] > 2:
+    if strict and p.shape[-1] > 2:
         dist = np.where(p[..., 2] > 0, dist, np.inf)
     n = int(visible.sum())
     out = {f"pck@{th:g}": (float((dist[visible] <= th * longer).mean()) if n else float("nan"))
