@@ -1,7 +1,9 @@
 """handsoff: a labeled dataset from a pretrained GAN and a handful of labeled real images (HandsOff, CVPR 2023).
 
-Pipeline stages, one subpackage each: ``generator`` (StyleGAN2 and its checkpoints), then inversion, features,
-label generator, generation, downstream evaluation and metrics as they land.
+Pipeline stages, one subpackage each: ``generator`` (StyleGAN2, its checkpoints and training), ``inversion``
+(encoder + latent optimization), ``label_generator`` (hypercolumn features and the MLP ensemble), ``generation``
+(datasets at scale), ``downstream`` (the judging network), ``metrics``, and ``data`` / ``domains`` (layouts,
+importers, the embedded heads domain).
 """
 
 from handsoff.generator import (
