@@ -22,3 +22,30 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_save(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_weights_folder(out_dir: str | os.PathLike, state_dict: dict, config: dict) -> Path:
+    """A model folder: ``model.safetensors`` (the state dict, on CPU) and ``config.json``, each written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_save(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir
+
+
+def read_weights_folder(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
+    """(config, state dict) of a folder written by ``save_weights_folder``; ``what`` names the folder's kind in
+    the error for a missing file (e.g. "an encoder folder (train one with `handsoff train-encoder`)")."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name}: missing; not {what}")
+    return json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")

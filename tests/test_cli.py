@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import pytest
 from checkpoint_writers import write_rosinality
 from PIL import Image
 

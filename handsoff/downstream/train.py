@@ -24,7 +24,7 @@ from tqdm import tqdm
 from handsoff.data.dataset import LabeledImageDataset
 from handsoff.downstream.model import DenseModel
 from handsoff.fileio import atomic_save
-from handsoff.label_generator.tasks import Depth, Keypoints
+from handsoff.label_generator.tasks import Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 
 KEYPOINT_LOSS_WEIGHT = 100.0  # heatmap MSE is tiny next to cross-entropy; this brings it to a similar scale
@@ -33,12 +33,8 @@ TASK_KEYS = {"seg": "mask", "kp": "keypoints", "depth": "depth"}
 
 def heatmaps(keypoints: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Gaussian heatmaps (B, K, size, size) for keypoints (B, K, 3) in pixels; labeled (v > 0) only."""
-    ys = torch.arange(size, dtype=torch.float32, device=keypoints.device) + 0.5
-    xs = ys
-    dx = (xs[None, None, None, :] - keypoints[..., 0, None, None]) ** 2
-    dy = (ys[None, None, :, None] - keypoints[..., 1, None, None]) ** 2
-    heat = torch.exp(-(dx + dy) / (2 * sigma**2))
-    return heat * (keypoints[..., 2] > 0).float()[..., None, None]
+    centres = torch.arange(size, dtype=torch.float32, device=keypoints.device) + 0.5
+    return gaussian_heat(keypoints[:, :, None, None, :], centres, centres[:, None], sigma)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -336,7 +336,7 @@ def update_ema(state: TrainingState, config: TrainingConfig) -> None:
         b_ema.copy_(b)
 
 
-def _kimg_name(images: int) -> str:
+def _images_name(images: int) -> str:
     return f"{images:08d}"
 
 
@@ -380,7 +380,7 @@ def save_snapshot(state: TrainingState, config: TrainingConfig, run: Path) -> Pa
     # Exported networks run in float32 by default; users opt into reduced precision at load time.
     for net in (G_ema, D):
         net.config.update(num_fp16_res=0, conv_clamp=None)
-    out = save_networks(run / f"network-{_kimg_name(state.images_seen)}", G_ema, D, metadata=metadata,
+    out = save_networks(run / f"network-{_images_name(state.images_seen)}", G_ema, D, metadata=metadata,
                         overwrite=True)
     atomic_save(run / STATE_FILE, lambda tmp: torch.save(state.state_dict(), tmp))
     return out
@@ -434,7 +434,7 @@ def train_gan(config: TrainingConfig) -> Path:
             tick_stats, tick_start, tick_images = {}, time.perf_counter(), state.images_seen
         if state.images_seen // config.snapshot_images != (state.images_seen - config.batch) // \
                 config.snapshot_images or done:
-            save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_kimg_name(state.images_seen)}.png",
+            save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
                              config.grid_size, config.seed)
             last = save_snapshot(state, config, run)
     bar.close()

@@ -14,18 +14,16 @@ iterations for a fifth of the backward passes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from handsoff.fileio import atomic_save
+from handsoff.fileio import read_weights_folder, save_weights_folder
 
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -157,21 +155,11 @@ def train_encoder(G, perceptual: nn.Module | None, *, steps: int = 2000, batch: 
 
 def save_encoder(encoder: ReStyleEncoder, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (each atomically) into out_dir."""
-    out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
-    config = {"encoder": encoder.config, "metadata": metadata or {}}
-    atomic_save(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return out_dir
+    return save_weights_folder(out_dir, encoder.state_dict(), {"encoder": encoder.config, "metadata": metadata or {}})
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> ReStyleEncoder:
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; not an encoder folder (train one with "
-                                    "`handsoff train-encoder`)")
-    config = json.loads((path / "config.json").read_text())
+    config, state = read_weights_folder(path, "an encoder folder (train one with `handsoff train-encoder`)")
     encoder = ReStyleEncoder(**config["encoder"])
-    encoder.load_state_dict(load_file(path / "model.safetensors"))
+    encoder.load_state_dict(state)
     return encoder.to(device).eval()

@@ -8,16 +8,14 @@ products), so an ensemble costs one pass. The first layer reads the hypercolumn 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from handsoff.fileio import atomic_save
+from handsoff.fileio import read_weights_folder, save_weights_folder
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_dense
 from handsoff.label_generator.tasks import task_from_config
 
@@ -192,12 +190,8 @@ def prediction_sample(result: dict, i: int) -> dict:
 
 def save_label_generator(model: LabelGenerator, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     """``out_dir/config.json`` + ``out_dir/model.safetensors`` (the ensemble only; the generator is referenced)."""
-    out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.ensemble.state_dict().items()}
-    atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
     config = {"format": "handsoff-label-generator", "version": 1, **model.config(), "metadata": metadata or {}}
-    atomic_save(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return out_dir
+    return save_weights_folder(out_dir, model.ensemble.state_dict(), config)
 
 
 def load_label_generator(path: str | os.PathLike, generator=None, device: str | torch.device = "cpu"
@@ -206,11 +200,7 @@ def load_label_generator(path: str | os.PathLike, generator=None, device: str | 
     from handsoff.generator import load_generator
 
     path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; not a label generator folder (make one with "
-                                    "`handsoff fit`)")
-    config = json.loads((path / "config.json").read_text())
+    config, state = read_weights_folder(path, "a label generator folder (make one with `handsoff fit`)")
     if generator is None:
         if not config.get("generator"):
             raise FileNotFoundError(f"{path / 'config.json'}: records no generator; pass one explicitly")
@@ -221,5 +211,5 @@ def load_label_generator(path: str | os.PathLike, generator=None, device: str | 
     tasks = [task_from_config(t) for t in config["tasks"]]
     model = LabelGenerator(generator, tasks, config["label_size"], config["members"], config["hidden"],
                            config["hidden2"], generator_ref=config.get("generator"))
-    model.ensemble.load_state_dict(load_file(path / "model.safetensors"))
+    model.ensemble.load_state_dict(state)
     return model.to(device).eval()

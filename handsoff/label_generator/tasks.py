@@ -27,6 +27,13 @@ def top_fraction_mean(values: torch.Tensor, fraction: float = TOP_FRACTION) -> f
     return float(flat.topk(k).values.mean())
 
 
+def gaussian_heat(keypoints: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) of labeled (v > 0) keypoints at pixel coordinates (x, y), broadcasting x and y against
+    ``keypoints[..., 0]``; unlabeled keypoints give zero heat."""
+    d2 = (x - keypoints[..., 0]) ** 2 + (y - keypoints[..., 1]) ** 2
+    return torch.exp(-d2 / (2 * sigma**2)) * (keypoints[..., 2] > 0).float()
+
+
 def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp(min=1e-12).log()).sum(dim)
 
@@ -116,9 +123,7 @@ class Keypoints:
         """Target heat (P, K) at flat label-pixel indices for keypoints (K, 3) in label pixels (centres at +0.5)."""
         y = (indices // size).float()[:, None] + 0.5
         x = (indices % size).float()[:, None] + 0.5
-        d2 = (x - keypoints[None, :, 0]) ** 2 + (y - keypoints[None, :, 1]) ** 2
-        heat = torch.exp(-d2 / (2 * self.sigma**2))
-        return heat * (keypoints[None, :, 2] > 0).float()
+        return gaussian_heat(keypoints, x, y, self.sigma)
 
     def targets(self, prepared: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
         return self.heatmap_at(prepared, indices, size)

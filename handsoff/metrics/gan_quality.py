@@ -81,12 +81,12 @@ def evaluate_generator(G, probe: Probe, n: int = 2000, seed: int = 0, truncation
                  render_real(seed_ref, n, n, G.img_resolution, progress=progress)[0])
     real_a, real_b = reals
     fakes = generate(G, n, seed, truncation, progress=progress)
-    feats_a, feats_b, feats_g = (probe.features(x) for x in (real_a, real_b, fakes))
+    (feats_a, masks_a), (feats_g, masks_g) = probe.analyze(real_a), probe.analyze(fakes)
     fpd = frechet_distance(feats_g, feats_a)
-    floor = frechet_distance(feats_b, feats_a)
+    floor = frechet_distance(probe.features(real_b), feats_a)
     n_classes = probe.config["n_classes"]
-    real_stats = class_statistics(probe.segment(real_a), n_classes)
-    fake_stats = class_statistics(probe.segment(fakes), n_classes)
+    real_stats = class_statistics(masks_a, n_classes)
+    fake_stats = class_statistics(masks_g, n_classes)
     classes = heads.CLASSES if n_classes == len(heads.CLASSES) else [str(i) for i in range(n_classes)]
     return {
         "n": n, "truncation": truncation, "fpd": fpd, "fpd_real_floor": floor, "fpd_ratio": fpd / max(floor, 1e-12),

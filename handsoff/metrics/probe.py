@@ -15,18 +15,16 @@ Images are (B, 3, H, W) in [-1, 1]; inputs of another size are resized to the pr
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from handsoff.fileio import atomic_save
+from handsoff.fileio import read_weights_folder, save_weights_folder
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -77,22 +75,23 @@ class Probe(nn.Module):
         return {"features": features, "factors": self.factor_head(features), "seg_logits": self.seg_head(top)}
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch: int = 256) -> np.ndarray:
-        """Pooled features (N, feature_dim) float64 of images (N, 3, H, W) in [-1, 1], for Frechet distances."""
+    def analyze(self, images: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, torch.Tensor]:
+        """One pass over images (N, 3, H, W) in [-1, 1]: pooled features (N, feature_dim) float64, for Frechet
+        distances, and class ids (N, H, W) int64 at the input's size (logits resized before the argmax)."""
         self.eval()
-        return np.concatenate([self(images[i:i + batch])["features"].double().cpu().numpy()
-                               for i in range(0, len(images), batch)])
-
-    @torch.no_grad()
-    def segment(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        """Class ids (N, H, W) int64 at the input's size (logits resized bilinearly before the argmax)."""
-        self.eval()
-        out = []
+        feats, masks = [], []
         for i in range(0, len(images), batch):
-            logits = self(images[i:i + batch])["seg_logits"]
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            out.append(logits.argmax(1).cpu())
-        return torch.cat(out)
+            out = self(images[i:i + batch])
+            feats.append(out["features"].double().cpu().numpy())
+            logits = F.interpolate(out["seg_logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+            masks.append(logits.argmax(1).cpu())
+        return np.concatenate(feats), torch.cat(masks)
+
+    def features(self, images: torch.Tensor, batch: int = 256) -> np.ndarray:
+        return self.analyze(images, batch)[0]
+
+    def segment(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        return self.analyze(images, batch)[1]
 
 
 def train_probe(images: torch.Tensor, masks: torch.Tensor, targets: np.ndarray, n_classes: int, *,
@@ -132,21 +131,12 @@ def train_probe(images: torch.Tensor, masks: torch.Tensor, targets: np.ndarray, 
 
 
 def save_probe(probe: Probe, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
-    out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
-    atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
-    config = {"probe": probe.config, "metadata": metadata or {}}
-    atomic_save(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return out_dir
+    return save_weights_folder(out_dir, probe.state_dict(), {"probe": probe.config, "metadata": metadata or {}})
 
 
 def load_probe(path: str | os.PathLike) -> Probe:
     """Load a probe saved by ``save_probe`` (a folder with config.json + model.safetensors)."""
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; not a probe folder")
-    config = json.loads((path / "config.json").read_text())["probe"]
-    probe = Probe(**config)
-    probe.load_state_dict(load_file(path / "model.safetensors"))
+    config, state = read_weights_folder(path, "a probe folder")
+    probe = Probe(**config["probe"])
+    probe.load_state_dict(state)
     return probe.eval()
