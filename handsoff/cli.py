@@ -21,16 +21,9 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
   3. generation    sample latents, predict labels, filter by uncertainty: generate
   4. evaluation    train a downstream network on the dataset, test on real images:
                    train-downstream, evaluate, benchmark
-  demo runs every stage on the embedded heads domain.
+  demo runs every stage on the embedded heads domain; run does the same for your domain from a config file.
 """
 
-# Stages whose issues have not landed yet: listed so that --help shows the whole pipeline, refused when run.
-PLANNED = {
-    "benchmark": "HandsOff vs transfer learning vs oracle on the heads domain",
-}
-
-# The shipped generator the demo runs on (trained by handsoff on rendered heads; see README).
-DEMO_GENERATOR = "heads-64"
 # Defaults of init-generator: a slim 64 px StyleGAN2, widths chosen for CPU speed.
 SLIM_GENERATOR = dict(resolution=64, z_dim=256, w_dim=256, n_mlp=8, channel_base=8192, channel_max=256)
 
@@ -102,23 +95,68 @@ def cmd_init_generator(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """For now: samples of the shipped heads generator next to real rendered heads (the end-to-end demo of every
-    stage arrives with the benchmark stage)."""
-    from handsoff.domains import heads
-    from handsoff.generator import load_generator
-    from handsoff.visualize import image_grid, save_image_atomic
+def _summary(results: dict) -> str:
+    from handsoff.metrics.labels import metric_table
 
-    out = Path(args.out)
+    main = {k: v for k, v in results["methods"].items() if not k.startswith("handsoff-")}
+    return metric_table(main)
+
+
+def cmd_demo(args) -> int:
+    """Every stage on the embedded heads domain, from the shipped generator: see handsoff.pipeline.benchmark."""
+    from handsoff.pipeline.benchmark import run_demo
+
     t0 = time.perf_counter()
-    G = load_generator(DEMO_GENERATOR)
-    images = sample_images(G, 16, args.seed, 0.7, 16)
-    grid = save_image_atomic(image_grid(images), out / "samples.png")
-    real = heads.render_heads(heads.SPLIT_SEEDS["test"], range(16), G.img_resolution).images
-    real_grid = save_image_atomic(image_grid(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1),
-                                  out / "real.png")
-    print(f"generator: {DEMO_GENERATOR} (shipped, trained on rendered heads)\nsamples:   {grid}\n"
-          f"real:      {real_grid}\ndone in {time.perf_counter() - t0:.1f} s")
+    results = run_demo(args.out, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out)
+    print(f"\nHandsOff demo ({time.perf_counter() - t0:.0f} s): downstream network on "
+          f"{results['settings']['test'] and 'real test heads'}\n{_summary(results)}")
+    print(f"report:          {out / 'report.html'}\nresults:         {out / 'results.json'}\n"
+          f"label generator: {out / 'label_generator'} (try `handsoff generate --label-generator "
+          f"{out / 'label_generator'} --n 100 --out more-heads`)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
+    from handsoff.report import write_report
+
+    if args.print_defaults:
+        import yaml
+
+        example = PipelineConfig(out="runs/my-domain", generator="stylegan2.pkl", labeled="data/labeled",
+                                 validation="data/validation", test="data/test")
+        print(yaml.safe_dump(example.to_json(), sort_keys=False), end="")
+        return 0
+    if not args.config:
+        raise SystemExit("handsoff run: give a config file (see `handsoff run --print-defaults`)")
+    config = load_config(args.config)
+    t0 = time.perf_counter()
+    results = run_pipeline(config, progress=not args.quiet)
+    report = write_report(config.out) if args.report else None
+    print(f"\nfinished in {time.perf_counter() - t0:.0f} s; results: {Path(config.out) / 'results.json'}"
+          + (f", report: {report}" if report else ""))
+    if results["methods"]:
+        print(_summary(results))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from handsoff.pipeline.benchmark import run_benchmark
+
+    if args.domain != "heads":
+        raise SystemExit(f"handsoff benchmark: unknown domain {args.domain!r} (the embedded domain is heads)")
+    settings = {"label_generator": {"max_steps": args.lg_steps, "min_steps": min(args.lg_steps, 300)},
+                "downstream": {"backbone": args.backbone, "epochs": args.epochs,
+                               "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
+                               **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
+    results = run_benchmark(args.out, labeled=[int(n) for n in args.labeled.split(",")], seeds=args.seeds,
+                            validation=args.validation, test=args.test, oracle=args.oracle,
+                            generated=args.generated, settings=settings, progress=not args.quiet)
+    from handsoff.metrics.labels import metric_table
+
+    print(f"\n{results['seeds']} seed(s), mean ± std\n{metric_table(results['methods'])}")
+    print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
     return 0
 
 
@@ -170,104 +208,43 @@ def cmd_train_encoder(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    from handsoff.data.images import ImageFolder
     from handsoff.generator import load_networks
-    from handsoff.inversion import invert_images, load_encoder, save_latents, summarize
-    from handsoff.visualize import image_grid, save_image_atomic
+    from handsoff.inversion import invert_folder, load_encoder
 
     device = _device(args.device)
     nets = load_networks(args.generator, device=device)
-    G = nets.generator
-    folder = ImageFolder(args.images, G.img_resolution)
-    images = folder.batch(range(len(folder)))
-    perceptual = _perceptual(args, nets.discriminator)
     encoder = load_encoder(args.encoder, device) if args.encoder else None
-    t0 = time.perf_counter()
-    result = invert_images(G, images, perceptual, encoder, steps=args.steps, lr=args.lr,
+    report = invert_folder(nets.generator, args.images, args.out, _perceptual(args, nets.discriminator), encoder,
+                           settings={"generator": str(args.generator), "encoder": args.encoder},
+                           sheet_rows=args.sheet_rows, steps=args.steps, lr=args.lr,
                            lambda_perceptual=args.lambda_perceptual, lambda_mse=args.lambda_mse,
                            lambda_reg=args.lambda_reg, batch=args.batch)
-    seconds = time.perf_counter() - t0
-    stages = result["stages"]
-    summary = summarize(stages)
-    settings = {"generator": str(args.generator), "images": str(args.images), "encoder": args.encoder,
-                "perceptual": getattr(perceptual, "name", "none"), "steps": args.steps, "lr": args.lr,
-                "lambda_perceptual": args.lambda_perceptual, "lambda_mse": args.lambda_mse,
-                "lambda_reg": args.lambda_reg, "seconds_per_image": seconds / len(images)}
-    out = save_latents(args.out, folder.names, result["ws"], settings)
-    per_image = {name: {stage: {k: float(stages[stage][k][i]) for k in ("mse", "psnr", "perceptual")}
-                        for stage in stages} for i, name in enumerate(folder.names)}
-    from handsoff.fileio import atomic_write_bytes
-
-    report = {"settings": settings, "mean": summary, "images": per_image}
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
-    n = min(len(images), args.sheet_rows)
-    rows = torch.stack([images[:n], stages["encoder"]["reconstructions"][:n],
-                        stages["refined"]["reconstructions"][:n]], 1).reshape(-1, *images.shape[1:])
-    sheet = save_image_atomic(image_grid(rows.clamp(-1, 1), columns=3), out.with_suffix(".png"))
-    print(f"wrote {out} ({len(images)} latents), {out.with_suffix('.json')}, {sheet} (real | encoder | refined)")
+    out = Path(args.out)
+    print(f"wrote {out} ({len(report['images'])} latents), {out.with_suffix('.json')}, {out.with_suffix('.png')} "
+          "(real | encoder | refined)")
     print(f"{'stage':<10}{'MSE':>10}{'PSNR dB':>10}{'perceptual':>12}")
-    for stage, figs in summary.items():
+    for stage, figs in report["mean"].items():
         print(f"{stage:<10}{figs['mse']:>10.5f}{figs['psnr']:>10.2f}{figs['perceptual']:>12.4f}")
-    print(f"{seconds / len(images):.2f} s per image")
+    print(f"{report['settings']['seconds_per_image']:.2f} s per image")
     return 0
 
 
 def cmd_fit(args) -> int:
-    from handsoff.data.layout import DatasetError, LabeledFolder, default_color
     from handsoff.generator import load_generator
-    from handsoff.inversion import load_latents
-    from handsoff.label_generator import (
-        LabelGenerator,
-        build_tasks,
-        fit_label_generator,
-        parse_task_names,
-        save_label_generator,
-    )
-    from handsoff.label_generator.model import prediction_sample
-    from handsoff.visualize import label_panels, save_image_atomic, strip_sheet
+    from handsoff.label_generator import fit_from_folder, parse_task_names
 
-    device = _device(args.device)
-    G = load_generator(args.generator, device=device)
-    names, ws, latent_meta = load_latents(args.latents)
-    if ws.shape[1:] != (G.n_latent, G.w_dim):
-        raise DatasetError(f"{args.latents}: latents are {tuple(ws.shape[1:])}, the generator needs "
-                           f"({G.n_latent}, {G.w_dim})")
-    labels = LabeledFolder(args.labels)
-    missing = [n for n in names if n not in labels.image_paths]
-    if missing:
-        raise DatasetError(f"{args.labels}: no labeled image for latents {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''} (latent keys must be the image names)")
-    unlabeled = sorted(set(labels.names) - set(names))
-    if unlabeled:
-        print(f"note: {len(unlabeled)} labeled images have no latent and are not used (e.g. {unlabeled[0]})")
-    samples = [labels.load(n) for n in names]
-    size = args.label_size or (samples[0]["mask"].shape[0] if "mask" in samples[0] else samples[0]["image"].shape[0])
-    try:
-        tasks = build_tasks(parse_task_names(args.tasks), labels.card, keypoint_sigma=args.keypoint_sigma)
-    except ValueError as e:
-        raise DatasetError(f"{args.labels}: {e}") from None
-    torch.manual_seed(args.seed)
-    model = LabelGenerator(G, tasks, size, members=args.members, hidden=args.hidden, hidden2=args.hidden2,
-                           generator_ref=str(args.generator)).to(device)
-    t0 = time.perf_counter()
-    summary = fit_label_generator(model, ws.to(device), samples, args.out, max_steps=args.max_steps,
-                                  min_steps=args.min_steps, patience=args.patience,
-                                  images_per_step=args.images_per_step, pixels_per_image=args.pixels, lr=args.lr,
-                                  seed=args.seed)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    out = save_label_generator(model, args.out, metadata={"latents": str(args.latents), "labels": str(args.labels),
-                                                          "inversion": latent_meta, "fit": summary,
-                                                          "labels_card": labels.card.to_json()})
-    colors = labels.card.colors or [default_color(i) for i in range(len(labels.card.classes or []))]
-    n = min(8, len(names))
-    result = model.predict(ws[:n].to(device))
-    strips = []
-    for i in range(n):
-        real = {k: v for k, v in samples[i].items() if k in ("image", "mask", "depth", "keypoints")}
-        strips += [label_panels(real, colors), label_panels(prediction_sample(result, i), colors)]
-    sheet = save_image_atomic(strip_sheet(strips, columns=2), Path(out) / "preview.png")
-    print(f"wrote {out} ({summary['steps']} steps, {summary['stop_reason']}, {summary['seconds']:.0f} s); "
-          f"preview {sheet} (left: real labels, right: label generator on the reconstruction)")
+    G = load_generator(args.generator, device=_device(args.device))
+    _, summary = fit_from_folder(G, args.latents, args.labels, args.out, tasks=parse_task_names(args.tasks),
+                                 label_size=args.label_size, members=args.members, hidden=args.hidden,
+                                 hidden2=args.hidden2, keypoint_sigma=args.keypoint_sigma, seed=args.seed,
+                                 generator_ref=str(args.generator), max_steps=args.max_steps,
+                                 min_steps=args.min_steps, patience=args.patience,
+                                 images_per_step=args.images_per_step, pixels_per_image=args.pixels, lr=args.lr)
+    if summary["unused_labeled_images"]:
+        print(f"note: {summary['unused_labeled_images']} labeled images have no latent and were not used")
+    print(f"wrote {args.out} ({summary['steps']} steps, {summary['stop_reason']}, {summary['seconds']:.0f} s); "
+          f"preview {Path(args.out) / 'preview.png'} (left: real labels, right: label generator on the "
+          "reconstruction)")
     for task in summary["final_loss"]:
         print(f"  {task}: loss {summary['final_loss'][task]:.4f} (constant prediction "
               f"{summary['constant_loss'][task]:.4f})")
@@ -290,7 +267,7 @@ def _class_fractions(items: list[str]) -> dict[str, float]:
 def cmd_generate(args) -> int:
     import math
 
-    from handsoff.generation import GenerationConfig, generate_dataset
+    from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
     from handsoff.label_generator import load_label_generator
 
     device = _device(args.device)
@@ -307,14 +284,8 @@ def cmd_generate(args) -> int:
     if args.shards:
         kept = args.n - math.floor(args.filter_top * args.n)
         config.shard_size = max(1, math.ceil(kept / args.shards))
-    card = json.loads((lg_path / "config.json").read_text()).get("metadata", {}).get("labels_card") or {}
-    source = {"label_generator": str(lg_path),
-              "colors": [c["color"] for c in card["classes"]] if card.get("classes") else None,
-              "skeleton": (card.get("keypoints") or {}).get("skeleton", []),
-              "keypoint_flip_pairs": (card.get("keypoints") or {}).get("flip_pairs", []),
-              "depth_unit": (card.get("depth") or {}).get("unit", "as the training labels")}
     t0 = time.perf_counter()
-    out = generate_dataset(model, args.out, config, source=source)
+    out = generate_dataset(model, args.out, config, source=label_generator_source(lg_path))
     if out is None:
         return 0  # a worker other than rank 0: rank 0 reports
     stats = json.loads((out / "dataset.json").read_text())["source"]["statistics"]
@@ -341,30 +312,13 @@ def cmd_train_downstream(args) -> int:
     return 0
 
 
-def _metric_table(rows: dict[str, dict]) -> str:
-    cols = [c for c in ("miou", "pck@0.1", "pck@0.05", "pck@0.02", "depth_mse", "depth_rmse", "depth_rmse_log",
-                        "depth_nmse") if any(c in r for r in rows.values())]
-    lines = [f"{'':<12}" + "".join(f"{c:>15}" for c in cols)]
-    for name, r in rows.items():
-        lines.append(f"{name:<12}" + "".join(f"{r[c]:>15.4f}" if c in r else f"{'-':>15}" for c in cols))
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> int:
-    from handsoff.data.dataset import LabeledImageDataset
-    from handsoff.downstream import evaluate_model, load_downstream
-    from handsoff.fileio import atomic_write_bytes
-    from handsoff.label_generator.tasks import Depth
+    from handsoff.downstream import evaluate_run
+    from handsoff.metrics.labels import metric_table
 
-    model, config = load_downstream(args.model)
-    data = LabeledImageDataset(args.data, size=config.get("size"))
-    depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
-    metrics = evaluate_model(model, data, depth, class_names=config.get("classes"))
-    out = Path(args.out) if args.out else Path(args.model) / "metrics.json"
-    atomic_write_bytes(out, (json.dumps({"model": str(args.model), "data": str(args.data), **metrics},
-                                        indent=1) + "\n").encode())
-    print(_metric_table({Path(args.model).name: metrics}))
-    print(f"wrote {out}")
+    metrics = evaluate_run(args.model, args.data, args.out)
+    print(metric_table({Path(args.model).name: metrics}))
+    print(f"wrote {args.out or Path(args.model) / 'metrics.json'}")
     return 0
 
 
@@ -405,23 +359,53 @@ def cmd_import_data(args) -> int:
     return 0
 
 
-def _planned(name: str):
-    def run(args) -> int:
-        print(f"handsoff {name}: not available in this version yet ({PLANNED[name]}).", file=sys.stderr)
-        return 2
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
                                      "handful of labeled real images.", epilog=PIPELINE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="run the pipeline on the embedded default domain")
+    p = sub.add_parser("demo", help="every stage on the embedded heads domain (about 15 minutes on 2 CPU cores)",
+                       description="Render labeled, validation, test and oracle heads; invert 16 labeled heads into "
+                       "the shipped generator; fit the label generator; generate a dataset; train the downstream "
+                       "network on it, on the 16 labeled heads alone (Transfer) and on 5,000 real heads (Oracle); "
+                       "evaluate all three on real test heads; write results.json and report.html. Rerun to "
+                       "resume.")
     p.add_argument("--out", default="handsoff-demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="every stage for your own domain, from one config file (YAML)",
+                       description="Run inversion, label generator, generation, downstream training and evaluation "
+                       "as one config file says; rerun to resume. `--print-defaults` prints a config with every "
+                       "setting.")
+    p.add_argument("config", nargs="?", help="YAML or JSON config")
+    p.add_argument("--print-defaults", action="store_true", help="print a complete example config and exit")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("benchmark", help="HandsOff vs Transfer vs Oracle on the heads domain, over seeds",
+                       description="The paper's table on the embedded heads domain: per seed and labeled-set size, "
+                       "the whole pipeline, the Transfer baseline (same network and schedule on the labeled real "
+                       "images) and the Oracle (the same on --oracle real heads). Sizes are flags: small on a CPU, "
+                       "full on a GPU. Rerun to resume.")
+    p.add_argument("--domain", default="heads")
+    p.add_argument("--labeled", default="16,50", help="labeled-set sizes, comma-separated")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/benchmark-heads")
+    p.add_argument("--generated", type=int, default=1112, help="generated samples per cell (before filtering)")
+    p.add_argument("--validation", type=int, default=200)
+    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--oracle", type=int, default=5000)
+    p.add_argument("--lg-steps", type=int, default=600, help="label generator training steps")
+    p.add_argument("--backbone", default="mobilenet_v3_large")
+    p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--images-per-epoch", type=int, default=400)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("init-generator", help="save a randomly initialized StyleGAN2 (no download needed)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -620,8 +604,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2)
     p.set_defaults(func=cmd_show)
 
-    for name, text in PLANNED.items():
-        sub.add_parser(name, help=f"(planned) {text}").set_defaults(func=_planned(name))
     return parser
 
 

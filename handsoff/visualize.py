@@ -48,11 +48,24 @@ def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
     d = depth.astype(np.float32).reshape(-1)
     rank = np.empty(d.size, np.float32)
     rank[np.argsort(d, kind="stable")] = np.arange(d.size)
-    t = (rank / max(d.size - 1, 1)).reshape(depth.shape)
-    stops = np.array([[253, 231, 37], [33, 145, 140], [68, 1, 84]], np.float32)  # near -> far
+    return _colormap(1 - (rank / max(d.size - 1, 1)).reshape(depth.shape))
+
+
+def _colormap(t: np.ndarray) -> np.ndarray:
+    """t in [0, 1] -> viridis-like RGB uint8 (0 dark purple, 1 bright yellow)."""
+    stops = np.array([[68, 1, 84], [33, 145, 140], [253, 231, 37]], np.float32)
+    t = np.clip(t, 0, 1)
     lo = np.clip((t * 2).astype(int), 0, 1)
     frac = (t * 2 - lo)[..., None]
     return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
+
+
+def heat_to_rgb(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """(H, W) non-negative values (e.g. per-pixel uncertainty) -> (H, W, 3) uint8; 0 dark, ``vmax`` (default:
+    the map's maximum) and above bright."""
+    v = np.asarray(values, np.float32)
+    vmax = float(v.max()) if vmax is None else vmax
+    return _colormap(v / vmax if vmax > 0 else np.zeros_like(v))
 
 
 def label_panels(sample: dict, colors, scale: int = 2) -> Image.Image:

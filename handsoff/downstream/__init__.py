@@ -2,6 +2,6 @@
 evaluated on real labeled images."""
 
 from handsoff.downstream.model import BACKBONES, DenseModel
-from handsoff.downstream.train import evaluate_model, load_downstream, train_downstream
+from handsoff.downstream.train import evaluate_model, evaluate_run, load_downstream, train_downstream
 
-__all__ = ["BACKBONES", "DenseModel", "evaluate_model", "load_downstream", "train_downstream"]
+__all__ = ["BACKBONES", "DenseModel", "evaluate_model", "evaluate_run", "load_downstream", "train_downstream"]

@@ -150,7 +150,9 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "sigma": sigma, "size": size,
               "classes": card.classes, "keypoint_names": card.keypoint_names,
               "depth": depth_task.config() if depth_task else None}
-    for epoch in range(start, epochs):
+    # A resumed run that had already stopped early stays stopped.
+    stopped = bool(history) and history[-1]["epoch"] - max(history, key=lambda h: h["score"])["epoch"] >= patience
+    for epoch in range(start, start if stopped else epochs):
         for ds in train_sets:
             ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -199,3 +201,19 @@ def load_downstream(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     model = DenseModel(config["backbone"], config["heads"])
     model.load_state_dict(saved["model"])
     return model.eval(), config
+
+
+def evaluate_run(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike | None = None
+                 ) -> dict:
+    """Evaluate a train-downstream run on a labeled dataset; writes the metrics JSON (default
+    ``model_dir/metrics.json``) and returns the metrics."""
+    from handsoff.fileio import atomic_write_bytes
+
+    model, config = load_downstream(model_dir)
+    dataset = LabeledImageDataset(data, size=config.get("size"))
+    depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
+    metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"), sigma=config.get("sigma", 1.5))
+    out = Path(out) if out else Path(model_dir) / "metrics.json"
+    atomic_write_bytes(out, (json.dumps({"model": str(model_dir), "data": str(data), **metrics}, indent=1)
+                             + "\n").encode())
+    return metrics

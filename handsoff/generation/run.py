@@ -324,3 +324,15 @@ def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
             trash = out / f".{folder}.trash"
             os.replace(out / folder, trash)
             shutil.rmtree(trash)
+
+
+def label_generator_source(path: str | os.PathLike) -> dict:
+    """What a generated dataset records of its label generator folder: its path and the labeled data's colours,
+    skeleton, flip pairs and depth unit (so the dataset card is complete)."""
+    path = Path(path)
+    card = json.loads((path / "config.json").read_text()).get("metadata", {}).get("labels_card") or {}
+    keypoints = card.get("keypoints") or {}
+    return {"label_generator": str(path),
+            "colors": [c["color"] for c in card["classes"]] if card.get("classes") else None,
+            "skeleton": keypoints.get("skeleton", []), "keypoint_flip_pairs": keypoints.get("flip_pairs", []),
+            "depth_unit": (card.get("depth") or {}).get("unit", "as the training labels")}

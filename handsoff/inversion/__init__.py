@@ -23,7 +23,7 @@ from handsoff.inversion.optimize import reconstruction_losses, refine_latents
 from handsoff.inversion.perceptual import LPIPS, DiscriminatorFeatureDistance, build_perceptual
 
 __all__ = ["LPIPS", "DiscriminatorFeatureDistance", "ReStyleEncoder", "build_perceptual", "encode",
-           "invert_images", "load_encoder", "load_latents", "psnr", "refine_latents", "save_encoder",
+           "invert_folder", "invert_images", "load_encoder", "load_latents", "psnr", "refine_latents", "save_encoder",
            "save_latents", "train_encoder"]
 
 
@@ -109,3 +109,37 @@ def summarize(stages: dict) -> dict:
     """Mean mse / psnr / perceptual per stage (plain floats)."""
     return {stage: {k: float(v.mean()) for k, v in figs.items() if k != "reconstructions"}
             for stage, figs in stages.items()}
+
+
+def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perceptual, encoder=None, *,
+                  settings: dict | None = None, sheet_rows: int = 16, progress: bool = True, **options) -> dict:
+    """Invert every image of a folder (or labeled dataset) and write the results beside ``out``.
+
+    Writes ``out`` (latents keyed by image name, see ``save_latents``), ``out`` with suffix .json (settings,
+    mean and per-image figures) and .png (real | encoder | refined sheet of the first ``sheet_rows`` images).
+    ``options`` go to ``invert_images`` (steps, lr, lambda_*, batch). Returns the .json report.
+    """
+    import time
+
+    from handsoff.data.images import ImageFolder
+    from handsoff.fileio import atomic_write_bytes
+    from handsoff.visualize import image_grid, save_image_atomic
+
+    folder = ImageFolder(images_dir, G.img_resolution)
+    images = folder.batch(range(len(folder)))
+    t0 = time.perf_counter()
+    result = invert_images(G, images, perceptual, encoder, progress=progress, **options)
+    stages = result["stages"]
+    settings = {**(settings or {}), "images": str(images_dir),
+                "perceptual": getattr(perceptual, "name", "none"), **options,
+                "seconds_per_image": (time.perf_counter() - t0) / len(images)}
+    out = save_latents(out, folder.names, result["ws"], settings)
+    per_image = {name: {stage: {k: float(stages[stage][k][i]) for k in ("mse", "psnr", "perceptual")}
+                        for stage in stages} for i, name in enumerate(folder.names)}
+    report = {"settings": settings, "mean": summarize(stages), "images": per_image}
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
+    n = min(len(images), sheet_rows)
+    rows = torch.stack([images[:n], stages["encoder"]["reconstructions"][:n],
+                        stages["refined"]["reconstructions"][:n]], 1).reshape(-1, *images.shape[1:])
+    save_image_atomic(image_grid(rows.clamp(-1, 1), columns=3), out.with_suffix(".png"))
+    return report

@@ -6,7 +6,7 @@ ensemble and prediction API (``model``); fitting on inverted labeled images (``t
 
 from handsoff.label_generator.model import LabelGenerator, MLPEnsemble, load_label_generator, save_label_generator
 from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation, parse_task_names
-from handsoff.label_generator.train import build_tasks, fit_label_generator
+from handsoff.label_generator.train import build_tasks, fit_from_folder, fit_label_generator
 
 __all__ = ["Depth", "Keypoints", "LabelGenerator", "MLPEnsemble", "Segmentation", "build_tasks",
-           "fit_label_generator", "load_label_generator", "parse_task_names", "save_label_generator"]
+           "fit_from_folder", "fit_label_generator", "load_label_generator", "parse_task_names", "save_label_generator"]

@@ -88,8 +88,15 @@ def first_layer_at(features: list[torch.Tensor], groups: list[FeatureGroup], wei
 
     Per group, the cheaper order is used: with at most P native pixels, W_g is applied at native resolution and
     the O-wide result is sampled; otherwise the group's features are sampled and W_g is applied to the samples.
+    When ``weight`` is being trained, every group's features are sampled first (they carry no gradient) and one
+    matmul applies W: the backward pass then never scatters into O-wide maps, which costs several times the
+    forward pass on CPU.
     """
     b, p = points.shape[:2]
+    if weight.requires_grad and torch.is_grad_enabled():
+        x = torch.cat([_sample(_group_maps(features, g, weight.dtype), points) for g in groups], -1)  # (B, P, C)
+        out = x @ weight.t()
+        return out + bias if bias is not None else out
     out = torch.zeros(b, p, weight.shape[0], device=weight.device, dtype=weight.dtype)
     if bias is not None:
         out = out + bias

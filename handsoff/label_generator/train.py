@@ -159,3 +159,59 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     final = {t.name: float(np.mean([e[t.name] for e in recent])) for t in model.tasks} if recent else {}
     return {"steps": step, "stop_reason": reason, "final_loss": final, "constant_loss": baselines,
             "images": n, "pixels_per_step": images_per_step * pixels_per_image}
+
+
+def fit_from_folder(G, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
+                    label_size: int | None = None, members: int = 10, hidden: int = 256, hidden2: int = 32,
+                    keypoint_sigma: float = 1.5, seed: int = 0, generator_ref: str | None = None,
+                    progress: bool = True, **fit_options) -> tuple[LabelGenerator, dict]:
+    """Fit a label generator on a latents file (from inversion) and the labeled dataset it was inverted from.
+
+    Latent keys must be image names of ``labels`` (standard layout); labeled images without a latent are left out
+    and counted in the summary. Saves the model to ``out_dir`` with its provenance and a ``preview.png`` (real
+    labels next to the label generator's on each reconstruction). ``fit_options`` go to ``fit_label_generator``.
+    Returns (model in eval mode, fit summary).
+    """
+    import time
+
+    from handsoff.data.layout import DatasetError, LabeledFolder, default_color
+    from handsoff.inversion import load_latents
+    from handsoff.label_generator.model import prediction_sample, save_label_generator
+    from handsoff.visualize import label_panels, save_image_atomic, strip_sheet
+
+    device = G.w_avg.device
+    names, ws, latent_meta = load_latents(latents)
+    if ws.shape[1:] != (G.n_latent, G.w_dim):
+        raise DatasetError(f"{latents}: latents are {tuple(ws.shape[1:])}, the generator needs "
+                           f"({G.n_latent}, {G.w_dim})")
+    folder = LabeledFolder(labels)
+    missing = [n for n in names if n not in folder.image_paths]
+    if missing:
+        raise DatasetError(f"{labels}: no labeled image for latents {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} (latent keys must be the image names)")
+    samples = [folder.load(n) for n in names]
+    size = label_size or (samples[0]["mask"].shape[0] if "mask" in samples[0] else samples[0]["image"].shape[0])
+    try:
+        task_objects = build_tasks(tasks, folder.card, keypoint_sigma=keypoint_sigma)
+    except ValueError as e:
+        raise DatasetError(f"{labels}: {e}") from None
+    torch.manual_seed(seed)
+    model = LabelGenerator(G, task_objects, size, members=members, hidden=hidden, hidden2=hidden2,
+                           generator_ref=generator_ref).to(device)
+    t0 = time.perf_counter()
+    summary = fit_label_generator(model, ws.to(device), samples, out_dir, seed=seed, progress=progress,
+                                  **fit_options)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["unused_labeled_images"] = len(set(folder.names) - set(names))
+    save_label_generator(model, out_dir, metadata={"latents": str(latents), "labels": str(labels),
+                                                   "inversion": latent_meta, "fit": summary,
+                                                   "labels_card": folder.card.to_json()})
+    colors = folder.card.colors or [default_color(i) for i in range(len(folder.card.classes or []))]
+    n = min(8, len(names))
+    result = model.predict(ws[:n].to(device))
+    strips = []
+    for i in range(n):
+        real = {k: v for k, v in samples[i].items() if k in ("image", "mask", "depth", "keypoints")}
+        strips += [label_panels(real, colors), label_panels(prediction_sample(result, i), colors)]
+    save_image_atomic(strip_sheet(strips, columns=2), Path(out_dir) / "preview.png")
+    return model, summary

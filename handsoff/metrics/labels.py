@@ -82,3 +82,26 @@ def depth_errors(pred_list, target_list) -> dict:
         return {"mse": float("nan"), "rmse": float("nan"), "rmse_log": float("nan"), "nmse": float("nan")}
     return {"mse": se / count, "rmse": (se / count) ** 0.5, "rmse_log": (se_log / count) ** 0.5,
             "nmse": float(np.nanmean(nmse)) if nmse else float("nan")}
+
+
+HEADLINE = ("miou", "pck@0.1", "pck@0.05", "pck@0.02", "depth_mse", "depth_rmse", "depth_rmse_log")
+
+
+def metric_table(rows: dict[str, dict], columns: tuple[str, ...] = HEADLINE) -> str:
+    """A plain-text table: one row per method, one column per headline metric present in any row.
+
+    A cell is a float, or a dict {"mean", "std"} (printed as mean +- std); missing cells print as '-'.
+    """
+    cols = [c for c in columns if any(c in r for r in rows.values())]
+
+    def cell(v) -> str:
+        if isinstance(v, dict):
+            return f"{v['mean']:.3f} ± {v['std']:.3f}"
+        return "-" if v is None else f"{v:.4f}"
+
+    width = max([len(name) for name in rows] + [8]) + 2
+    cells = {name: [cell(r.get(c)) for c in cols] for name, r in rows.items()}
+    col_w = [max([len(c)] + [len(cells[n][i]) for n in rows]) + 2 for i, c in enumerate(cols)]
+    lines = [" " * width + "".join(c.rjust(w) for c, w in zip(cols, col_w))]
+    lines += [name.ljust(width) + "".join(v.rjust(w) for v, w in zip(cells[name], col_w)) for name in rows]
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""One HandsOff run, every stage, from a ``PipelineConfig``: invert -> fit -> generate -> train -> evaluate.
+
+Layout of ``config.out`` (each stage resumes or is skipped when its output is complete, so rerunning the same
+command after a kill continues where it stopped)::
+
+    config.json                 the validated config the run was started with (a rerun must match it)
+    inversion/latents.safetensors (+ .json figures, .png real | encoder | refined)
+    label_generator/            the fitted label generator (what `handsoff generate` accepts) + preview.png
+    dataset/                    the generated labeled dataset (standard layout, manifest.jsonl, dataset.json)
+    downstream/handsoff/        the network trained on the generated dataset
+    downstream/handsoff-N/      the same network on the first N kept generated images (config.curve)
+    downstream/transfer/        the same network on the labeled real images alone (config.transfer)
+    downstream/oracle/          the same network on config.oracle (optional)
+    results.json                metrics per method on config.test, stage summaries, timings
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from handsoff.data.layout import DatasetError, LabeledFolder
+from handsoff.fileio import atomic_write_bytes
+from handsoff.pipeline.config import PipelineConfig
+
+METHODS = ("handsoff", "transfer", "oracle")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _headline(metrics: dict) -> dict:
+    """The flat metrics of one method (per-class and per-keypoint detail stays in the method's metrics.json)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def _subset(dataset: Path, out: Path, n: int) -> Path:
+    """The first n samples of a generated dataset as a dataset of its own (files copied)."""
+    from handsoff.data.layout import DatasetWriter
+
+    if (out / "dataset.json").exists():
+        return out
+    folder = LabeledFolder(dataset)
+    if n > len(folder):
+        raise DatasetError(f"{dataset}: curve size {n} exceeds the {len(folder)} generated images")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = DatasetWriter(tmp, folder.card)
+    for name in folder.names[:n]:
+        writer.add(name, **{k: v for k, v in folder.load(name).items() if k != "name"})
+    writer.close()
+    tmp.rename(out)
+    return out
+
+
+def check_inputs(config: PipelineConfig) -> None:
+    """Fail before any work when a dataset is missing or lacks a label the tasks need."""
+    needs = {"seg": "classes", "kp": "keypoint_names", "depth": "depth_format"}
+    for role in ("labeled", "validation", "test", "oracle"):
+        path = getattr(config, role)
+        if path is None:
+            continue
+        card = LabeledFolder(path).card  # raises DatasetError naming the folder
+        missing = [t for t in config.tasks if getattr(card, needs[t]) is None]
+        if missing:
+            raise DatasetError(f"{path}: the {role} dataset has no labels for task(s) {', '.join(missing)}")
+    if config.transfer and config.validation is None:
+        raise DatasetError("config: the transfer baseline needs a validation set (set validation, or transfer: "
+                           "false); its training images cannot select its own checkpoint")
+
+
+def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; returns the results written to ``config.out/results.json``."""
+    from handsoff.downstream import evaluate_run, train_downstream
+    from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
+    from handsoff.generator import load_networks
+    from handsoff.inversion import build_perceptual, invert_folder, load_encoder
+    from handsoff.label_generator import fit_from_folder, load_label_generator
+
+    out = Path(config.out)
+    check_inputs(config)
+    saved = out / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != config.to_json():
+        raise DatasetError(f"{saved}: this folder holds a run with other settings; choose another out")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(saved, config.to_json())
+    device = _device(config.device)
+    timings: dict[str, float] = {}
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    timings = results.get("timings", {})
+
+    def stage(name: str, done: bool, work) -> None:
+        if done:
+            log(f"[{name}] done earlier, skipped")
+            return
+        log(f"[{name}]")
+        t0 = time.perf_counter()
+        work()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log(f"[{name}] {timings[name]:.0f} s")
+
+    nets = load_networks(config.generator, device=device)
+    G = nets.generator
+    latents = out / "inversion" / "latents.safetensors"
+    inv = config.inversion
+
+    def invert():
+        perceptual = None if inv.perceptual == "none" else build_perceptual(inv.perceptual, nets.discriminator,
+                                                                             inv.lpips_vgg, inv.lpips_lin)
+        encoder = load_encoder(inv.encoder, device) if inv.encoder else None
+        invert_folder(G, config.labeled, latents, perceptual, encoder, progress=progress,
+                      settings={"generator": config.generator, "encoder": str(inv.encoder) if inv.encoder else None},
+                      steps=inv.steps, lr=inv.lr, lambda_perceptual=inv.lambda_perceptual, lambda_mse=inv.lambda_mse,
+                      lambda_reg=inv.lambda_reg, batch=inv.batch)
+
+    stage("inversion", latents.exists(), invert)
+
+    lg_dir = out / "label_generator"
+    lg = config.label_generator
+
+    def fit():
+        torch.manual_seed(config.seed)
+        fit_from_folder(G, latents, config.labeled, lg_dir, tasks=list(config.tasks), label_size=lg.label_size,
+                        members=lg.members, hidden=lg.hidden, hidden2=lg.hidden2, keypoint_sigma=lg.keypoint_sigma,
+                        seed=config.seed, generator_ref=config.generator, progress=progress,
+                        max_steps=lg.max_steps, min_steps=lg.min_steps, patience=lg.patience,
+                        images_per_step=lg.images_per_step, pixels_per_image=lg.pixels, lr=lg.lr)
+
+    stage("label generator", (lg_dir / "model.safetensors").exists(), fit)
+
+    dataset = out / "dataset"
+    gen = config.generation
+
+    def generate():
+        model = load_label_generator(lg_dir, generator=G, device=device)
+        generate_dataset(model, dataset, GenerationConfig(n=gen.n, seed=config.seed, truncation=gen.truncation,
+                                                          filter_top=gen.filter_top, filter_by=gen.filter_by,
+                                                          batch=gen.batch, fmt=gen.format),
+                         progress=progress, source=label_generator_source(lg_dir))
+
+    stage("generation", (dataset / "dataset.json").exists(), generate)
+    del nets, G
+
+    ds = config.downstream
+    val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
+    runs = {"handsoff": ([dataset], val)}
+    for n in config.curve:
+        runs[f"handsoff-{n}"] = ([_subset(dataset, out / "curve" / f"dataset-{n}", n)], val)
+    if config.transfer:
+        runs["transfer"] = ([config.labeled], config.validation)
+    if config.oracle is not None:
+        runs["oracle"] = ([config.oracle], config.validation or config.labeled)
+    methods = results.get("methods", {})
+    for method, (train_dirs, val_dir) in runs.items():
+        run_dir = out / "downstream" / method
+
+        def train(train_dirs=train_dirs, val_dir=val_dir, run_dir=run_dir, method=method):
+            train_downstream(train_dirs, val_dir, run_dir, tasks=list(config.tasks), backbone=ds.backbone,
+                             backbone_weights=ds.backbone_weights, epochs=ds.epochs, batch_size=ds.batch, lr=ds.lr,
+                             patience=ds.patience, size=ds.size, seed=config.seed,
+                             max_images_per_epoch=ds.images_per_epoch, progress=progress)
+            if config.test is not None:
+                methods[method] = _headline(evaluate_run(run_dir, config.test))
+
+        stage(f"downstream: {method}", method in methods or (config.test is None and
+                                                             (run_dir / "model.pt").exists()), train)
+        _write_json(results_path, {**results, "methods": methods, "timings": timings})
+
+    results = {
+        "methods": methods,
+        "settings": config.to_json(),
+        "inversion": json.loads(latents.with_suffix(".json").read_text())["mean"],
+        "label_generator": json.loads((lg_dir / "config.json").read_text())["metadata"]["fit"],
+        "generation": json.loads((dataset / "dataset.json").read_text())["source"]["statistics"],
+        "downstream_init": "ImageNet (local file)" if ds.backbone_weights else "random (no ImageNet weights given)",
+        "timings": timings,
+    }
+    _write_json(results_path, results)
+    return results

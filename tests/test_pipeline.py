@@ -1,0 +1,164 @@
+"""The whole pipeline end to end at 16 px: config -> inversion -> label generator -> generation -> downstream
+(HandsOff, curve, Transfer, Oracle) -> evaluation -> report, through `handsoff run` and through the library."""
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from checkpoint_writers import randomize
+
+from handsoff.cli import main
+from handsoff.data.layout import DatasetError
+from handsoff.domains.heads import SPLIT_SEEDS, write_heads_dataset
+from handsoff.generator import Discriminator, Generator, save_networks
+from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
+from handsoff.pipeline.benchmark import run_benchmark
+
+SIZE = 16
+TINY_STAGES = {
+    "inversion": {"steps": 3, "batch": 4},
+    "label_generator": {"members": 2, "hidden": 8, "hidden2": 4, "max_steps": 6, "min_steps": 6,
+                        "images_per_step": 2, "pixels": 32},
+    "generation": {"n": 8, "batch": 4, "filter_top": 0.25},
+    "downstream": {"backbone": "resnet18", "epochs": 2, "batch": 2, "images_per_epoch": 4, "patience": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domain")
+    torch.manual_seed(0)
+    G = randomize(Generator(resolution=SIZE, z_dim=16, w_dim=16, n_mlp=1, channel_base=256, channel_max=16),
+                  seed=1).eval()
+    G.mapping.update_w_avg(seed=0)
+    D = randomize(Discriminator(resolution=SIZE, channel_base=256, channel_max=16), seed=2).eval()
+    paths = {"generator": str(save_networks(root / "gan", G, D))}
+    for role, split, n in (("labeled", "labeled", 4), ("validation", "validation", 4), ("test", "test", 4),
+                           ("oracle", "oracle", 6)):
+        paths[role] = str(write_heads_dataset(root / role, n, seed=SPLIT_SEEDS[split], size=SIZE, progress=False))
+    return root, paths
+
+
+def _config(out, paths, **extra) -> dict:
+    return {"out": str(out), **paths, "tasks": ["seg", "kp", "depth"], "curve": [4], **TINY_STAGES, **extra}
+
+
+def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, capsys):
+    _, paths = domain
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(_config("run", paths)))
+    assert main(["run", str(config_file), "--quiet"]) == 0
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"handsoff", "handsoff-4", "transfer", "oracle"}
+    for metrics in results["methods"].values():
+        assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pck@0.1"] <= 1 and metrics["depth_rmse"] >= 0
+    assert results["generation"]["counts"] == {"kept": 6, "filtered": 2, "rejected": 0}
+    for path in ("inversion/latents.safetensors", "label_generator/model.safetensors", "dataset/manifest.jsonl",
+                 "downstream/handsoff/model.pt", "downstream/transfer/model.pt", "downstream/oracle/model.pt",
+                 "curve/dataset-4/dataset.json"):
+        assert (out / path).exists(), path
+    table = capsys.readouterr().out
+    assert "handsoff" in table and "transfer" in table and "oracle" in table
+
+    # The report: self-contained (every image embedded), every section present.
+    page = (out / "report.html").read_text()
+    for section in ("Downstream network on real test images", "vs number of generated images", "Inversion",
+                    "Label generator", "Most uncertain", "Class frequencies"):
+        assert section in page, section
+    assert "<svg" in page and page.count("data:image/png;base64,") >= 8
+    assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
+
+    # Rerunning skips every finished stage and gives the same results.
+    stamp = (out / "downstream/handsoff/model.pt").stat().st_mtime_ns
+    assert main(["run", str(config_file), "--quiet", "--no-report"]) == 0
+    assert (out / "downstream/handsoff/model.pt").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+    # Another config into the same folder is refused instead of mixing two runs.
+    config_file.write_text(yaml.safe_dump(_config("run", paths, seed=1)))
+    assert main(["run", str(config_file), "--quiet"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_same_config_same_dataset(domain, tmp_path):
+    _, paths = domain
+    stages = {**TINY_STAGES, "downstream": {**TINY_STAGES["downstream"], "epochs": 1}}
+    for name in ("a", "b"):
+        config = PipelineConfig.model_validate({**_config(tmp_path / name, paths, curve=[], transfer=False,
+                                                          oracle=None), **stages})
+        run_pipeline(config, progress=False, log=lambda *_: None)
+    a, b = (sorted((tmp_path / n / "dataset").rglob("*.*")) for n in ("a", "b"))
+    assert [p.name for p in a] == [p.name for p in b]
+    for pa, pb in zip(a, b):
+        if pa.name != "dataset.json":  # records its own path
+            assert pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+def test_config_errors_name_the_file_and_field(domain, tmp_path):
+    _, paths = domain
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**_config("x", paths), "tasks": ["seg", "pose"],
+                                   "generation": {"n": 0, "colour": 1}}))
+    with pytest.raises(DatasetError) as e:
+        load_config(bad)
+    message = str(e.value)
+    assert "bad.yaml" in message and "tasks.1" in message and "generation.n" in message
+    assert "generation.colour" in message  # unknown keys are errors, not silently ignored
+    bad.write_text("out: [unclosed")
+    with pytest.raises(DatasetError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_relative_paths_resolve_against_the_config_file(domain, tmp_path):
+    root, paths = domain
+    config_file = root / "relative.yaml"
+    config_file.write_text(yaml.safe_dump({"out": "runs/x", "generator": "gan", "labeled": "labeled",
+                                           "test": "test", "transfer": False}))
+    config = load_config(config_file)
+    assert config.labeled == root / "labeled" and config.out == root / "runs/x"
+    assert config.generator == str(root / "gan")
+    assert load_config(config_file).generator == config.generator
+    shipped = root / "shipped.yaml"
+    shipped.write_text(yaml.safe_dump({"out": "o", "generator": "heads-64", "labeled": "labeled", "transfer": False}))
+    assert load_config(shipped).generator == "heads-64"  # a shipped name stays a name
+
+
+def test_missing_labels_for_a_task_fail_before_any_work(domain, tmp_path):
+    _, paths = domain
+    from handsoff.data.layout import DatasetCard, DatasetWriter
+
+    writer = DatasetWriter(tmp_path / "images-only", DatasetCard())
+    writer.add("a", torch.zeros(SIZE, SIZE, 3, dtype=torch.uint8).numpy())
+    writer.close()
+    config = PipelineConfig.model_validate(_config(tmp_path / "r", {**paths, "test": str(tmp_path / "images-only")}))
+    with pytest.raises(DatasetError, match="images-only: the test dataset has no labels for task"):
+        run_pipeline(config, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_benchmark_aggregates_over_seeds(domain, tmp_path, monkeypatch):
+    import handsoff.pipeline.benchmark as bench
+
+    root, paths = domain
+    monkeypatch.setattr(bench, "HEADS_GENERATOR", paths["generator"])
+    monkeypatch.setattr(bench, "render_split", lambda out, split, n, start=0, size=64, progress=True:
+                        bench.heads.write_heads_dataset(out, n, seed=bench.heads.SPLIT_SEEDS[split], size=SIZE,
+                                                        start=start, progress=False)
+                        if not (out / "dataset.json").exists() else out)
+    stages = {**TINY_STAGES, "downstream": {**TINY_STAGES["downstream"], "epochs": 1}}
+    results = run_benchmark(tmp_path / "b", labeled=[2, 3], seeds=2, validation=3, test=3, oracle=4, generated=4,
+                            settings=stages, progress=False, log=lambda *_: None)
+    assert list(results["methods"]) == ["transfer-2", "transfer-3", "handsoff-2", "handsoff-3", "oracle"]
+    cell = json.loads((tmp_path / "b/seed1/labeled-3/results.json").read_text())["methods"]["handsoff"]
+    agg = results["methods"]["handsoff-3"]["miou"]
+    assert agg["values"][1] == cell["miou"] and len(agg["values"]) == 2
+    assert agg["mean"] == pytest.approx(sum(agg["values"]) / 2)
+    # seeds draw different labeled images; the smaller set is nested in the larger
+    names = {s: sorted(p.stem for p in (tmp_path / f"b/data/labeled-seed{s}-3/images").iterdir()) for s in (0, 1)}
+    assert not set(names[0]) & set(names[1])
+    small = sorted(p.stem for p in (tmp_path / "b/data/labeled-seed0-2/images").iterdir())
+    assert set(small) <= set(names[0])
+    assert "±" in (tmp_path / "b/table.txt").read_text()
