@@ -146,8 +146,8 @@ def cmd_benchmark(args) -> int:
 
     if args.domain != "heads":
         raise SystemExit(f"handsoff benchmark: unknown domain {args.domain!r} (the embedded domain is heads)")
-    settings = {"label_generator": {"max_steps": args.lg_steps, "min_steps": min(args.lg_steps, 300)},
-                "downstream": {"backbone": args.backbone, "epochs": args.epochs,
+    settings = {"label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
+                "downstream": {"backbone": args.backbone, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
                                **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
     results = run_benchmark(args.out, labeled=[int(n) for n in args.labeled.split(",")], seeds=args.seeds,
@@ -305,7 +305,7 @@ def cmd_train_downstream(args) -> int:
     result = train_downstream(args.data.split(","), args.val, args.out, tasks=parse_task_names(args.tasks),
                               backbone=args.backbone, backbone_weights=args.backbone_weights, epochs=args.epochs,
                               batch_size=args.batch, lr=args.lr, patience=args.patience, size=args.size,
-                              seed=args.seed, max_images_per_epoch=args.images_per_epoch)
+                              seed=args.seed, images_per_epoch=args.images_per_epoch)
     best = max(result["history"], key=lambda h: h["score"])
     print(f"wrote {args.out}/model.pt (best epoch {best['epoch']} of {len(result['history'])} on the validation "
           f"split: {json.dumps(best['val'])})")
@@ -399,11 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int, default=200)
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--oracle", type=int, default=5000)
-    p.add_argument("--lg-steps", type=int, default=600, help="label generator training steps")
-    p.add_argument("--backbone", default="mobilenet_v3_large")
+    p.add_argument("--lg-steps", type=int, default=400, help="label generator training steps")
+    p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--images-per-epoch", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=8, help="downstream epochs (every method: the same schedule)")
+    p.add_argument("--images-per-epoch", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 
@@ -564,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without improvement")
     p.add_argument("--size", type=int, default=None, help="train at this resolution (default: the data's)")
-    p.add_argument("--images-per-epoch", type=int, default=None, help="cap the images drawn per epoch")
+    p.add_argument("--images-per-epoch", type=int, default=None, help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any size the same schedule")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_downstream)
 

@@ -248,10 +248,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         entries = [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
         scored = [e for e in entries if e["status"] in ("kept", "filtered")]
 
-        def score(e):
-            return float(np.mean(list(e["uncertainty"].values())))
-
-        ranked = sorted(scored, key=score)
+        # Ranked by the score the run filtered with, so "most uncertain" are the ones filtering dropped.
+        ranked = sorted(scored, key=lambda e: e["filter_score"])
         kept = [e for e in entries if e["status"] == "kept"][:samples]
         groups = [("Generated samples", kept), ("Least uncertain", ranked[:max(samples // 2, 1)]),
                   ("Most uncertain (dropped by filtering when marked filtered)", ranked[-max(samples // 2, 1):][::-1])]

@@ -25,6 +25,7 @@ def test_train_select_resume_and_evaluate(tmp_path, splits, capsys):
     assert main(args) == 0
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and {"miou", "pck@0.1", "depth_rmse"} <= set(history[0]["val"])
+    assert history[0]["images"] == 12  # an epoch is the dataset by default
     args[args.index("--epochs") + 1] = "2"
     assert main(args) == 0  # resumes: one more epoch
     assert len(json.loads((out / "history.json").read_text())) == 2
@@ -35,6 +36,25 @@ def test_train_select_resume_and_evaluate(tmp_path, splits, capsys):
     assert "miou" in capsys.readouterr().out
     model, config = load_downstream(out)
     assert config["heads"] == {"seg": 12, "kp": 12, "depth": 1} and config["backbone_init"] == "random"
+
+
+def test_fixed_images_per_epoch_cycles_a_small_dataset(tmp_path, splits):
+    """The same schedule for any dataset size: 30 images per epoch from 12 means cycling through them."""
+    out = tmp_path / "cycled"
+    assert main(["train-downstream", "--data", str(splits["train"]), "--val", str(splits["val"]), "--tasks", "seg",
+                 "--out", str(out), "--epochs", "1", "--batch", "6", "--images-per-epoch", "30"]) == 0
+    assert json.loads((out / "history.json").read_text())[0]["images"] == 30
+
+
+def test_an_early_stopped_run_stays_stopped(tmp_path, splits):
+    out = tmp_path / "stopped"
+    args = ["train-downstream", "--data", str(splits["train"]), "--val", str(splits["val"]), "--tasks", "seg",
+            "--out", str(out), "--epochs", "3", "--batch", "6", "--patience", "1", "--lr", "0"]
+    assert main(args) == 0  # lr 0: no epoch improves on the first, so it stops after the second
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    args[args.index("--epochs") + 1] = "5"
+    assert main(args) == 0
+    assert len(json.loads((out / "history.json").read_text())) == 2
 
 
 def test_backbone_weights_from_a_local_file(tmp_path):

@@ -12,7 +12,12 @@ from handsoff.label_generator import (
     parse_task_names,
     save_label_generator,
 )
-from handsoff.label_generator.features import materialized_hypercolumns, pixel_grid
+from handsoff.label_generator.features import (
+    first_layer_at,
+    first_layer_dense,
+    materialized_hypercolumns,
+    pixel_grid,
+)
 
 
 def _latents(G, n, seed=0):
@@ -27,13 +32,26 @@ def test_factorized_first_layer_equals_materialized_hypercolumns(tiny_generator,
                            hidden2=8).eval()
     _, feats = model.features(_latents(tiny_generator, 2))
     factorized = model.dense_outputs(feats)                                  # (B, M, O, L, L)
-    chunked = model.dense_outputs(feats, memory_gb=label_size**2 * 16 * 4 / 2**30)  # one member at a time
+    chunked = model.dense_outputs(feats, memory_gb=1e-9, band=5)            # one member, 5-row bands
     hyper = materialized_hypercolumns(feats, label_size)                     # (B, C, L, L)
     rows = hyper.permute(0, 2, 3, 1).reshape(-1, hyper.shape[1])
     with torch.no_grad():
         reference = model.ensemble(rows).reshape(2, label_size, label_size, 3, 3).permute(0, 3, 4, 1, 2)
     torch.testing.assert_close(factorized, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5)
+    # The first layer alone, in odd-sized bands, against the materialized one.
+    e = model.ensemble
+    dense = first_layer_dense(feats, model.groups, e.weight1, e.bias1, label_size, band=7)   # (B, L, L, O)
+    torch.testing.assert_close(dense.reshape(-1, dense.shape[-1]), rows @ e.weight1.t() + e.bias1,
+                               rtol=1e-4, atol=1e-5)
+    # At sampled points: the inference order (W at native resolution where cheaper) and the training order
+    # (features sampled first, so W gets gradients without scattering into W-wide maps) agree.
+    points = torch.rand(2, 50, 2, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        inference = first_layer_at(feats, model.groups, e.weight1, e.bias1, points)
+    training = first_layer_at(feats, model.groups, e.weight1, e.bias1, points)
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), inference, rtol=1e-4, atol=1e-5)
 
 
 def _synthetic_samples(G, ws, size):
@@ -105,6 +123,21 @@ def test_keypoint_decoding_recovers_a_planted_peak():
     assert (out["label"][:, 2] == 2).all() and torch.allclose(out["spread"], torch.zeros(2))
     out = kp.decode(torch.zeros(3, 2, size, size))
     assert (out["label"][:, 2] == 0).all()  # no peak: not visible
+
+
+def test_visibility_threshold_is_fitted_to_the_predicted_peaks():
+    kp = Keypoints(["a", "b"])
+    # Regressed heatmaps peak low: labeled keypoints around 0.12-0.2, unlabeled ones around 0.02-0.05.
+    peaks = torch.tensor([[0.12, 0.02], [0.2, 0.05], [0.15, 0.03]])
+    labeled = torch.tensor([[True, False], [True, False], [True, False]])
+    t = kp.fit_visibility(peaks, labeled)
+    assert 0.05 < t < 0.12 and kp.visibility_threshold == t
+    # All labeled: half the 10th percentile, so every training keypoint would count as visible.
+    t = kp.fit_visibility(peaks[:, :1], labeled[:, :1])
+    assert t < 0.12 and (peaks[:, 0] > t).all()
+    heat = torch.zeros(1, 2, 8, 8)
+    heat[0, 0, 3, 3] = 0.1                        # under the default 0.3, over the fitted threshold
+    assert kp.decode(heat)["label"][:, 2].tolist() == [2.0, 0.0]
 
 
 def test_depth_transform_round_trips():

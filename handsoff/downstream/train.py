@@ -117,7 +117,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                      tasks: list[str], backbone: str = "resnet18", backbone_weights: str | None = None,
                      epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5,
                      size: int | None = None,
-                     sigma: float = 1.5, seed: int = 0, max_images_per_epoch: int | None = None,
+                     sigma: float = 1.5, seed: int = 0, images_per_epoch: int | None = None,
                      progress: bool = True) -> dict:
     """Train on the union of ``train_dirs``, select on ``val_dir``; resumable from ``out/state.pt``."""
     out = Path(out)
@@ -156,7 +156,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         for ds in train_sets:
             ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        n = len(train) if max_images_per_epoch is None else min(len(train), max_images_per_epoch)
+        # A fixed number of images per epoch gives every dataset the same schedule (small ones are cycled).
+        n = len(train) if images_per_epoch is None else images_per_epoch
         sampler = torch.utils.data.RandomSampler(train, num_samples=n, generator=gen)
         loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                              drop_last=n >= batch_size)
@@ -174,7 +175,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         metrics = evaluate_model(model, val_set, depth_task, class_names=card.classes, sigma=sigma)
         score = selection_score(metrics)
-        history.append({"epoch": epoch + 1, "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
+        history.append({"epoch": epoch + 1, "images": n, "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
                         "val": {k: v for k, v in metrics.items() if not isinstance(v, dict)}, "score": score})
         if score > best:
             best = score

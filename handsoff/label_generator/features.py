@@ -107,41 +107,58 @@ def first_layer_at(features: list[torch.Tensor], groups: list[FeatureGroup], wei
 
 
 def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                      bias: torch.Tensor | None, size: int) -> torch.Tensor:
+                      bias: torch.Tensor | None, size: int, band: int | None = None) -> torch.Tensor:
     """The first layer at every pixel of a size x size label map, channels last: (B, size, size, O).
 
     Groups below the label resolution: W_g at native resolution, then bilinear upsampling of the O-wide result;
     groups at it: W_g directly; groups above it: features resized down first (resizing commutes with W_g).
-    Equal to resizing everything and concatenating (``materialized_hypercolumns``), without doing so. Channels
-    last because CPU bilinear upsampling of many channels is several times faster in that layout, and the
-    ensemble reads pixels as rows.
+    Equal to resizing everything and concatenating (``materialized_hypercolumns``), without doing so. Computed
+    in bands of ``band`` rows (default: all at once) by ``first_layer_bands``.
+    """
+    return torch.cat([h for _, h in first_layer_bands(features, groups, weight, bias, size, band or size)], 1)
+
+
+def _source_rows(size: int, r: int, rows: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear (align_corners=False) source rows i0, i1 and weights of i1 for output ``rows`` of an r -> size
+    upsampling, exactly as ``F.interpolate`` computes them."""
+    src = ((torch.arange(rows.start, rows.stop, dtype=torch.float64) + 0.5) * (r / size) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=r - 1)
+    return i0, (i0 + 1).clamp(max=r - 1), (src - i0).float()
+
+
+def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
+                      bias: torch.Tensor | None, size: int, band: int):
+    """``first_layer_dense`` one band of ``band`` label rows at a time: yields (rows, (B, len(rows), size, O)).
+
+    Each group's O-wide result stays at native resolution; per band only its few source rows are interpolated
+    (height, then width) and summed, so the upsampled maps are never written out whole: the band's working set
+    stays in cache, where the whole-map version streams (groups x B x size^2 x O) values through memory.
     """
     b, width = features[0].shape[0], weight.shape[0]
-    out = None  # (B, L, L, O), filled group by group
+    native, direct = [], []                               # (B, r, r, O) results / (B, L, L, C_g) features, W_g
     for g in sorted(groups, key=lambda g: g.resolution):
         w, f = weight[:, g.start:g.stop], _group_maps(features, g, weight.dtype)
         if g.resolution > size:
             f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
-        r = f.shape[-1]
-        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])                 # native pixels as rows
-        if r < size:
-            h = rows @ w.t()
-            if out is None and bias is not None:
-                h += bias  # a constant survives bilinear upsampling unchanged: add it where it is cheapest
-            # (B, O, r, r) seen channels-last: the fast layout for upsampling many channels on CPU.
-            up = F.interpolate(h.view(b, r, r, width).permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
-                               align_corners=False).permute(0, 2, 3, 1)
-            if out is None:
-                out = up if up.is_contiguous() else up.contiguous()
-            else:
-                out += up
+        if f.shape[-1] < size:
+            native.append((f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) @ w.t()).view(b, *f.shape[-2:], width))
         else:
-            if out is None:
-                out = torch.zeros(b, size, size, width, device=weight.device, dtype=weight.dtype)
-                if bias is not None:
-                    out += bias
-            out.view(-1, width).addmm_(rows, w.t())
-    return out
+            direct.append((f.permute(0, 2, 3, 1).contiguous(), w.t()))
+    for y0 in range(0, size, band):
+        rows = range(y0, min(y0 + band, size))
+        out = torch.zeros(b, len(rows), size, width, device=weight.device, dtype=weight.dtype)
+        if bias is not None:
+            out += bias
+        for h in native:
+            i0, i1, a = _source_rows(size, h.shape[1], rows)
+            a = a.to(h.device, h.dtype)[None, :, None, None]
+            part = torch.lerp(h[:, i0], h[:, i1], a)                          # (B, rows, r, O): height done
+            # (B, O, rows, r) seen channels-last; a height scale of 1 copies rows, so only width is resampled.
+            out += F.interpolate(part.permute(0, 3, 1, 2), size=(len(rows), size), mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1)
+        for f, wt in direct:
+            out.view(-1, width).addmm_(f[:, y0:rows.stop].reshape(-1, f.shape[-1]), wt)
+        yield rows, out
 
 
 def materialized_hypercolumns(features: list[torch.Tensor], size: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from handsoff.fileio import read_weights_folder, save_weights_folder
-from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_dense
+from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
 from handsoff.label_generator.tasks import task_from_config
 
 
@@ -122,31 +122,29 @@ class LabelGenerator(nn.Module):
         return e.forward_hidden(h.reshape(-1, h.shape[-1])).reshape(*points.shape[:2], e.members, -1)
 
     @torch.no_grad()
-    def dense_outputs(self, features: list[torch.Tensor], memory_gb: float = 1.0) -> torch.Tensor:
+    def dense_outputs(self, features: list[torch.Tensor], memory_gb: float = 1.0, band: int | None = None
+                      ) -> torch.Tensor:
         """Outputs at every label pixel: (B, M, out_channels, L, L).
 
-        Members are independent, so the dense first layer (``first_layer_dense``) runs for as many members and
-        images at a time as keep the hidden activations within ``memory_gb`` (at least one member of one image).
+        The first layer runs in bands of label rows (``first_layer_bands``) and each band goes through the rest
+        of the ensemble at once, so no full-size hidden map is ever held. Members are independent: the native-
+        resolution first-layer results of as many members as fit in ``memory_gb`` are computed at a time.
+        ``band`` (rows per band) defaults to about 4 MB of hidden activations per band.
         """
         self.eval()
         e, size = self.ensemble, self.label_size
         batch = features[0].shape[0]
-        per_member = size * size * e.hidden * 4
-        members_per_chunk = int(min(e.members, max(1, memory_gb * 2**30 // per_member)))
-        images_per_chunk = int(max(1, memory_gb * 2**30 // (per_member * members_per_chunk)))
-        out = []
-        for i in range(0, batch, images_per_chunk):
-            feats = [f[i:i + images_per_chunk] for f in features]
-            parts = []
-            for m0 in range(0, e.members, members_per_chunk):
-                members = slice(m0, min(m0 + members_per_chunk, e.members))
-                rows = slice(members.start * e.hidden, members.stop * e.hidden)
-                h = first_layer_dense(feats, self.groups, e.weight1[rows], e.bias1[rows], size)
-                parts.append(e.forward_hidden(h.view(-1, h.shape[-1]), members).reshape(
-                    h.shape[0], size * size, members.stop - members.start, -1))
-            out.append(torch.cat(parts, 2))
-        out = torch.cat(out)                                             # (B, L * L, M, O)
-        return out.permute(0, 2, 3, 1).reshape(batch, e.members, -1, size, size)
+        native_pixels = sum(g.resolution**2 for g in self.groups if g.resolution < size) or 1
+        chunk = int(min(e.members, max(1, memory_gb * 2**30 // (native_pixels * e.hidden * 4 * batch))))
+        band = band or int(max(1, 4 * 2**20 // (size * e.hidden * chunk * 4 * batch)))
+        out = torch.empty(batch, size, size, e.members, e.out_channels, device=e.weight1.device)
+        for m0 in range(0, e.members, chunk):
+            members = slice(m0, min(m0 + chunk, e.members))
+            weights = slice(members.start * e.hidden, members.stop * e.hidden)
+            for rows, h in first_layer_bands(features, self.groups, e.weight1[weights], e.bias1[weights], size, band):
+                o = e.forward_hidden(h.view(-1, h.shape[-1]), members)          # (B * rows * L, M', O)
+                out[:, rows.start:rows.stop, :, members] = o.view(batch, len(rows), size, *o.shape[1:])
+        return out.permute(0, 3, 4, 1, 2).contiguous()
 
     @torch.no_grad()
     def predict(self, ws: torch.Tensor) -> dict:

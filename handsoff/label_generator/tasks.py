@@ -96,7 +96,8 @@ class Keypoints:
     """Keypoints as Gaussian heatmaps (one channel each, peak 1, ``sigma`` pixels); MSE regression.
 
     Decoding: argmax of the members' mean heatmap refined to sub-pixel precision by a parabola through the peak
-    and its neighbours (per axis); visible when the peak exceeds ``visibility_threshold``; uncertainty per
+    and its neighbours (per axis); visible when the peak exceeds ``visibility_threshold`` (set by
+    ``fit_visibility`` after training: regressed heatmaps peak well below the targets' 1); uncertainty per
     keypoint = RMS distance (pixels) of the members' own argmaxes from the decoded point. Targets use every
     labeled keypoint (COCO v > 0); a keypoint with v == 0 has an all-zero heatmap.
     """
@@ -155,6 +156,23 @@ class Keypoints:
         dy = torch.where((py == 0) | (py == h - 1), torch.zeros_like(dy), dy)
         out = torch.stack([px.float() + 0.5 + dx, py.float() + 0.5 + dy, centre], -1)
         return out.reshape(*lead, 3)
+
+    def fit_visibility(self, peaks: torch.Tensor, labeled: torch.Tensor) -> float:
+        """Set ``visibility_threshold`` from predicted peak values (N, K) on training images and whether each
+        keypoint is labeled there (N, K) bool: the threshold with the best balanced accuracy when both kinds
+        occur, else half the 10th percentile of the labeled keypoints' peaks (so nearly all of them count as
+        visible, with margin). Returns the threshold."""
+        peaks, labeled = peaks.float().reshape(-1), labeled.reshape(-1).bool()
+        if labeled.all() or not labeled.any():
+            ref = peaks[labeled] if labeled.any() else peaks
+            self.visibility_threshold = 0.5 * float(torch.quantile(ref, 0.1))
+            return self.visibility_threshold
+        candidates = torch.unique(peaks)
+        candidates = (candidates[1:] + candidates[:-1]) / 2 if len(candidates) > 1 else candidates
+        above = peaks[None] > candidates[:, None]                                  # (T, N*K)
+        balanced = 0.5 * ((above & labeled).sum(1) / labeled.sum() + (~above & ~labeled).sum(1) / (~labeled).sum())
+        self.visibility_threshold = float(candidates[balanced.argmax()])
+        return self.visibility_threshold
 
     def decode(self, outputs: torch.Tensor) -> dict:
         heat = outputs.float()                                  # (M, K, H, W)

@@ -157,8 +157,23 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     model.eval()
     recent = log[-50:]
     final = {t.name: float(np.mean([e[t.name] for e in recent])) for t in model.tasks} if recent else {}
-    return {"steps": step, "stop_reason": reason, "final_loss": final, "constant_loss": baselines,
-            "images": n, "pixels_per_step": images_per_step * pixels_per_image}
+    summary = {"steps": step, "stop_reason": reason, "final_loss": final, "constant_loss": baselines,
+               "images": n, "pixels_per_step": images_per_step * pixels_per_image}
+    for task in model.tasks:
+        if isinstance(task, Keypoints):
+            summary["keypoint_visibility_threshold"] = calibrate_visibility(model, task, ws, data.targets)
+    return summary
+
+
+@torch.no_grad()
+def calibrate_visibility(model: LabelGenerator, task: Keypoints, ws: torch.Tensor, targets: list[dict],
+                         limit: int = 16) -> float:
+    """Fit the keypoint task's visibility threshold on (at most ``limit``) training images' predictions."""
+    n = min(len(ws), limit)
+    result = model.predict(ws[:n])
+    peaks = torch.stack([task.peak(r["heatmaps"])[:, 2] for r in result[task.name]])
+    labeled = torch.stack([targets[i][task.name][:, 2] > 0 for i in range(n)])
+    return task.fit_visibility(peaks.cpu(), labeled.cpu())
 
 
 def fit_from_folder(G, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],

@@ -170,7 +170,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
             train_downstream(train_dirs, val_dir, run_dir, tasks=list(config.tasks), backbone=ds.backbone,
                              backbone_weights=ds.backbone_weights, epochs=ds.epochs, batch_size=ds.batch, lr=ds.lr,
                              patience=ds.patience, size=ds.size, seed=config.seed,
-                             max_images_per_epoch=ds.images_per_epoch, progress=progress)
+                             images_per_epoch=ds.images_per_epoch, progress=progress)
             if config.test is not None:
                 methods[method] = _headline(evaluate_run(run_dir, config.test))
 
