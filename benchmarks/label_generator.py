@@ -6,14 +6,18 @@
 Each measurement runs in its own subprocess (so peak RSS is its own), with the tuned allocator:
 
 * predict: features (G synthesis) + a 10-member 256/32 ensemble at every label pixel, per image.
-  factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group, tiles of pixels);
+  factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group at native resolution, upsampled
+  and summed in bands of label rows); "whole maps" = the same with one band (each group's upsampled map written
+  out whole, as before the banded version);
   materialized = every feature map resized to the label size and concatenated (C x L x L), then the ensemble
   on each pixel's hypercolumn (the official code's design), run only where it fits in memory.
 * train: peak RSS of ``fit_label_generator`` on 50 images (a few steps), next to the size of the materialized
   design's hypercolumns for the same 50 images (C x L x L x 4 bytes each, what the official code holds in RAM).
 
 FFHQ uses random weights (speed and memory do not depend on them). The last line,
-``factorized speedup: N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images.
+``factorized speedup: N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images. Also printed: the
+multiply-adds of both designs, whose ratio bounds the speedup any factorized implementation can reach at equal
+arithmetic speed.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
             t1 = time.perf_counter()
             if mode == "factorized":
                 out = model.dense_outputs(feats)
+            elif mode == "whole-map":  # factorized, but each group's upsampled map written out whole
+                out = model.dense_outputs(feats, band=label_size)
             else:
                 hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
                 rows = hyper.reshape(hyper.shape[0], -1).t()
@@ -77,6 +83,23 @@ def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
     channels = sum(G.synthesis.feature_channels)
     return {**times, "total": times["features"] + times["ensemble"], "channels": channels,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def multiply_adds(which: str, label_size: int) -> dict:
+    """Multiply-adds per image of the ensemble (all layers), factorized vs materialized: the ratio is the most a
+    factorized implementation can gain at equal arithmetic speed (groups at or above the label resolution cost
+    the same either way)."""
+    from handsoff.label_generator.features import feature_groups
+
+    G = _generator(which)
+    model = _model(G, label_size)
+    e = model.ensemble
+    width = e.members * e.hidden
+    rest = label_size**2 * e.members * (e.hidden * e.hidden2 + e.hidden2 * e.out_channels)
+    groups = feature_groups(G.synthesis.feature_channels, G.synthesis.feature_resolutions)
+    factorized = sum(min(g.resolution, label_size)**2 * (g.stop - g.start) for g in groups) * width + rest
+    materialized = label_size**2 * groups[-1].stop * width + rest
+    return {"factorized": factorized, "materialized": materialized}
 
 
 def measure_train(which: str, label_size: int, images: int, steps: int) -> dict:
@@ -134,6 +157,8 @@ def main() -> None:
     final = None
     for which, size in cases:
         fact = run("predict", which, size, mode="factorized", reps=args.reps)
+        whole = run("predict", which, size, mode="whole-map", reps=args.reps)
+        macs = multiply_adds(which, size)
         channels = fact["channels"]
         mat_gb = channels * size**2 * 4 / 2**30
         if mat_gb <= args.materialize_limit_gb:
@@ -143,7 +168,7 @@ def main() -> None:
         print(f"\n{which}: {channels} feature channels, labels {size}x{size} "
               f"(one materialized hypercolumn: {mat_gb:.2f} GB)")
         print(f"{'per image':<14}{'features s':>12}{'ensemble s':>12}{'total s':>10}{'peak RSS GB':>13}")
-        for name, r in (("factorized", fact), ("materialized", mat)):
+        for name, r in (("factorized", fact), ("  whole maps", whole), ("materialized", mat)):
             if "error" in r:
                 print(f"{name:<14}  not run: {r['error']}")
             else:
@@ -151,7 +176,12 @@ def main() -> None:
                       f"{r['peak_rss_gb']:>13.2f}")
         speedup = mat["ensemble"] / fact["ensemble"] if "error" not in mat else float("nan")
         total_speedup = mat["total"] / fact["total"] if "error" not in mat else float("nan")
-        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x")
+        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x; "
+              f"banded vs whole maps: {whole['ensemble'] / fact['ensemble']:.2f}x")
+        bound = macs["materialized"] / macs["factorized"]
+        print(f"multiply-adds per image: factorized {macs['factorized'] / 1e9:.1f} G, materialized "
+              f"{macs['materialized'] / 1e9:.1f} G -> arithmetic bound on the speedup {bound:.1f}x "
+              f"(reached: {speedup / bound:.0%})")
         train = run("train", which, size, images=50, steps=args.train_steps)
         if "error" in train:
             print(f"training on 50 images: failed ({train['error']})")

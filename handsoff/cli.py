@@ -141,6 +141,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from handsoff.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from handsoff.pipeline.benchmark import run_benchmark
 
@@ -385,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="(re)write the HTML report of a `run` or `demo` folder")
+    p.add_argument("run", help="folder of a finished run (holds results.json)")
+    p.add_argument("--out", default=None, help="HTML file (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("benchmark", help="HandsOff vs Transfer vs Oracle on the heads domain, over seeds",
                        description="The paper's table on the embedded heads domain: per seed and labeled-set size, "

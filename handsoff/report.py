@@ -219,15 +219,20 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                                "generated images (log scale)", METRIC_LABELS[metric]))
 
     inv_png = run_dir / "inversion" / "latents.png"
-    inv = results.get("inversion", {})
+    inv = dict(results.get("inversion", {}))
+    encoder = config["inversion"].get("encoder")
+    if not encoder:
+        inv.pop("encoder", None)  # without an encoder, optimization starts from the average latent
     parts.append("<h2>Inversion of the labeled images</h2>")
     if inv:
-        parts.append("<table><tr><th>start / stage</th><th>MSE</th><th>PSNR (dB)</th><th>perceptual</th></tr>"
-                     + "".join(f"<tr><td>{s}</td><td>{f['mse']:.4f}</td><td>{f['psnr']:.2f}</td>"
+        names = {"average": "average latent", "encoder": "encoder", "refined": "after optimization"}
+        parts.append("<table><tr><th>latent</th><th>MSE</th><th>PSNR (dB)</th><th>perceptual</th></tr>"
+                     + "".join(f"<tr><td>{names.get(s, s)}</td><td>{f['mse']:.4f}</td><td>{f['psnr']:.2f}</td>"
                                f"<td>{f['perceptual']:.4f}</td></tr>" for s, f in inv.items()) + "</table>")
     if inv_png.exists():
-        parts.append(f"<figure>{_img(inv_png, 'reconstructions', 3 * 64 * 3)}<figcaption>real | encoder (or "
-                     "average latent) | refined</figcaption></figure>")
+        sheet = Image.open(inv_png)
+        parts.append(f"<figure>{_img(sheet, 'reconstructions', min(sheet.width * 2, 420))}<figcaption>real | "
+                     f"{'encoder' if encoder else 'average latent'} | after optimization</figcaption></figure>")
 
     preview = run_dir / "label_generator" / "preview.png"
     if preview.exists():

@@ -10,7 +10,7 @@ from handsoff.cli import main
 
 def test_help_lists_the_pipeline_stages():
     out = subprocess.run([sys.executable, "-m", "handsoff", "--help"], capture_output=True, text=True, check=True)
-    for stage in ["demo", "run", "benchmark", "init-generator", "convert", "sample", "train-gan", "train-encoder",
+    for stage in ["demo", "run", "report", "benchmark", "init-generator", "convert", "sample", "train-gan", "train-encoder",
                   "invert", "fit", "generate", "train-downstream", "evaluate", "render-heads", "import-data", "show"]:
         assert stage in out.stdout
 

@@ -57,7 +57,7 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: bool = True, log=print
     from handsoff.report import write_report
 
     sizes = {**DEMO, **overrides}
-    out = Path(out)
+    out = Path(out).resolve()  # results.json and the report then work from any folder
     data = out / "data"
     log("[rendering real heads: labeled, validation, test, oracle]")
     paths = {"labeled": render_split(data / f"labeled-{sizes['labeled']}", "labeled", sizes["labeled"],
@@ -85,7 +85,7 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
                   oracle: int = 5000, generated: int = 5000, settings: dict | None = None, progress: bool = True,
                   log=print) -> dict:
     """Every (seed, labeled size) cell, then mean and std over seeds per method; writes results.json, table.txt."""
-    out = Path(out)
+    out = Path(out).resolve()
     settings = settings or {}
     data = out / "data"
     fixed = {"validation": render_split(data / "validation", "validation", validation, progress=progress),

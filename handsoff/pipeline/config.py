@@ -161,4 +161,4 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise DatasetError(f"{path}: invalid config ({problems})") from None
-    return _resolve(config, path.parent)
+    return _resolve(config, path.parent.resolve())
