@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from handsoff.runtime import resolve_device
+
 PIPELINE = """\
 data: render-heads renders the embedded domain; import-data converts labeled data; show draws a contact sheet
 pipeline (HandsOff, Xu et al. CVPR 2023):
@@ -26,12 +28,6 @@ pipeline (HandsOff, Xu et al. CVPR 2023):
 
 # Defaults of init-generator: a slim 64 px StyleGAN2, widths chosen for CPU speed.
 SLIM_GENERATOR = dict(resolution=64, z_dim=256, w_dim=256, n_mlp=8, channel_base=8192, channel_max=256)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -53,7 +49,7 @@ def cmd_sample(args) -> int:
     from handsoff.generator import load_generator
     from handsoff.visualize import image_grid, save_image_atomic
 
-    G = load_generator(args.checkpoint, device=_device(args.device))
+    G = load_generator(args.checkpoint, device=resolve_device(args.device))
     images = sample_images(G, args.n, args.seed, args.truncation, args.batch, force_fp32=args.fp32)
     out = save_image_atomic(image_grid(images), args.out)
     print(f"wrote {out} ({args.n} samples, seed {args.seed}, truncation {args.truncation})")
@@ -197,7 +193,7 @@ def cmd_train_encoder(args) -> int:
     from handsoff.generator import load_networks
     from handsoff.inversion import save_encoder, train_encoder
 
-    nets = load_networks(args.generator, device=_device(args.device))
+    nets = load_networks(args.generator, device=resolve_device(args.device))
     perceptual = _perceptual(args, nets.discriminator)
     log: list[dict] = []
     t0 = time.perf_counter()
@@ -218,7 +214,7 @@ def cmd_invert(args) -> int:
     from handsoff.generator import load_networks
     from handsoff.inversion import invert_folder, load_encoder
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     nets = load_networks(args.generator, device=device)
     encoder = load_encoder(args.encoder, device) if args.encoder else None
     report = invert_folder(nets.generator, args.images, args.out, _perceptual(args, nets.discriminator), encoder,
@@ -240,7 +236,7 @@ def cmd_fit(args) -> int:
     from handsoff.generator import load_generator
     from handsoff.label_generator import fit_from_folder, parse_task_names
 
-    G = load_generator(args.generator, device=_device(args.device))
+    G = load_generator(args.generator, device=resolve_device(args.device))
     _, summary = fit_from_folder(G, args.latents, args.labels, args.out, tasks=parse_task_names(args.tasks),
                                  label_size=args.label_size, members=args.members, hidden=args.hidden,
                                  hidden2=args.hidden2, keypoint_sigma=args.keypoint_sigma, seed=args.seed,
@@ -277,7 +273,7 @@ def cmd_generate(args) -> int:
     from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
     from handsoff.label_generator import load_label_generator
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     generator = None
     if args.generator:
         from handsoff.generator import load_generator

@@ -159,7 +159,7 @@ def class_frequency_table(generated: dict, real_folder) -> str:
 
 def _sample_strips(run_dir: Path, config: dict, entries: list[dict], colors) -> list[tuple[dict, Image.Image]]:
     """Regenerate manifest entries (seed, index) with the run's label generator: image | labels | uncertainty."""
-    from handsoff.generator import load_generator, latents_for_seeds
+    from handsoff.generator import latents_for_seeds, load_generator
     from handsoff.label_generator import load_label_generator
     from handsoff.label_generator.model import prediction_sample
     from handsoff.visualize import heat_to_rgb, label_panels

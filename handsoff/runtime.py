@@ -29,3 +29,12 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
+
+
+def resolve_device(name: str):
+    """A torch.device from a device option: "auto" (CUDA when available, else CPU), "cpu", "cuda:1", ..."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

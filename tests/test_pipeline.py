@@ -113,7 +113,7 @@ def test_config_errors_name_the_file_and_field(domain, tmp_path):
 
 
 def test_relative_paths_resolve_against_the_config_file(domain, tmp_path):
-    root, paths = domain
+    root, _ = domain
     config_file = root / "relative.yaml"
     config_file.write_text(yaml.safe_dump({"out": "runs/x", "generator": "gan", "labeled": "labeled",
                                            "test": "test", "transfer": False}))
@@ -142,7 +142,7 @@ def test_missing_labels_for_a_task_fail_before_any_work(domain, tmp_path):
 def test_benchmark_aggregates_over_seeds(domain, tmp_path, monkeypatch):
     import handsoff.pipeline.benchmark as bench
 
-    root, paths = domain
+    _, paths = domain
     monkeypatch.setattr(bench, "HEADS_GENERATOR", paths["generator"])
     monkeypatch.setattr(bench, "render_split", lambda out, split, n, start=0, size=64, progress=True:
                         bench.heads.write_heads_dataset(out, n, seed=bench.heads.SPLIT_SEEDS[split], size=SIZE,
@@ -171,7 +171,7 @@ def test_readme_config_example_is_valid(tmp_path):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = readme.split("## Your own domain", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     config_file = tmp_path / "cars.yaml"
-    config_file.write_text("\n".join(line[3:] if line.startswith("   ") else line for line in block.splitlines()))
+    config_file.write_text("\n".join(line.removeprefix("   ") for line in block.splitlines()))
     config = load_config(config_file)
     assert config.tasks == ["seg"] and config.generation.n == 10000
     assert config.downstream.backbone_weights == tmp_path / "weights/resnet50-0676ba61.pth"

@@ -26,14 +26,9 @@ import torch
 from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.fileio import atomic_write_bytes
 from handsoff.pipeline.config import PipelineConfig
+from handsoff.runtime import resolve_device
 
 METHODS = ("handsoff", "transfer", "oracle")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -95,11 +90,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
         raise DatasetError(f"{saved}: this folder holds a run with other settings; choose another out")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, config.to_json())
-    device = _device(config.device)
-    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    timings = results.get("timings", {})
+    timings: dict[str, float] = results.get("timings", {})
 
     def stage(name: str, done: bool, work) -> None:
         if done:
@@ -151,7 +145,6 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
                          progress=progress, source=label_generator_source(lg_dir))
 
     stage("generation", (dataset / "dataset.json").exists(), generate)
-    del nets, G
 
     ds = config.downstream
     val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
