@@ -158,7 +158,8 @@ def cmd_benchmark(args) -> int:
                             generated=args.generated, settings=settings, progress=not args.quiet)
     from handsoff.metrics.labels import metric_table
 
-    print(f"\n{results['seeds']} seed(s), mean ± std\n{metric_table(results['methods'])}")
+    print(f"\n{results['seeds']} seed(s), mean ± std, {results['downstream_init']}\n"
+          f"{metric_table(results['methods'])}")
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
     return 0
 

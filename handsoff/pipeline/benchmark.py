@@ -108,8 +108,11 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     order = sorted(per_cell, key=lambda m: (m == "oracle", m.split("-")[0] != "transfer", m))
     summary = {name: {k: _aggregate([m.get(k) for m in per_cell[name]]) for k in HEADLINE if k in per_cell[name][0]}
                for name in order}
-    table = metric_table(summary)
-    results = {"methods": summary, "seeds": seeds, "labeled": labeled,
+    downstream = settings.get("downstream", {})
+    init = ("ImageNet (local file)" if downstream.get("backbone_weights") else "random") + " init"
+    table = (f"heads-64, mean ± std over {seeds} seed(s); every method: DeepLabV3 on "
+             f"{downstream.get('backbone', 'resnet18')}, {init}, the same schedule\n{metric_table(summary)}")
+    results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
                "settings": settings, "generator": HEADS_GENERATOR, "tasks": TASKS}
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
