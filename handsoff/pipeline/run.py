@@ -119,7 +119,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
                       steps=inv.steps, lr=inv.lr, lambda_perceptual=inv.lambda_perceptual, lambda_mse=inv.lambda_mse,
                       lambda_reg=inv.lambda_reg, batch=inv.batch)
 
-    stage("inversion", latents.exists(), invert)
+    stage("inversion", latents.with_suffix(".png").exists(), invert)  # the sheet is written last
 
     lg_dir = out / "label_generator"
     lg = config.label_generator
@@ -132,7 +132,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
                         max_steps=lg.max_steps, min_steps=lg.min_steps, patience=lg.patience,
                         images_per_step=lg.images_per_step, pixels_per_image=lg.pixels, lr=lg.lr)
 
-    stage("label generator", (lg_dir / "model.safetensors").exists(), fit)
+    stage("label generator", (lg_dir / "preview.png").exists(), fit)  # written after the model
 
     dataset = out / "dataset"
     gen = config.generation
