@@ -294,8 +294,10 @@ def cmd_generate(args) -> int:
         return 0  # a worker other than rank 0: rank 0 reports
     stats = json.loads((out / "dataset.json").read_text())["source"]["statistics"]
     c = stats["counts"]
-    print(f"wrote {out}: {c['kept']} kept, {c['filtered']} filtered as most uncertain, {c['rejected']} rejected by "
-          f"class quotas (acceptance rate {stats['acceptance_rate']:.3f}) in {time.perf_counter() - t0:.0f} s")
+    quotas = (f", {c['rejected']} rejected by class quotas (acceptance rate {stats['acceptance_rate']:.3f})"
+              if config.min_class_fraction else "")
+    print(f"wrote {out}: {c['kept']} kept, {c['filtered']} filtered as most uncertain{quotas} in "
+          f"{time.perf_counter() - t0:.0f} s")
     if "class_image_share" in stats:
         shares = ", ".join(f"{k} {v:.3f}" for k, v in stats["class_image_share"].items())
         print(f"share of images containing each class: {shares}")

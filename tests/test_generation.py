@@ -95,6 +95,16 @@ def test_class_quota_reaches_its_target(tmp_path, label_generator):
     assert stats["counts"]["kept"] == 32 and stats["counts"]["rejected"] > 0 and stats["acceptance_rate"] < 1
 
 
+def test_samples_past_n_in_the_last_batch_are_surplus_not_rejections(tmp_path, label_generator):
+    out = tmp_path / "surplus"
+    assert main(["generate", "--label-generator", str(label_generator), "--out", str(out), "--n", "6", "--batch",
+                 "4", "--filter-top", "0", "--device", "cpu"]) == 0
+    stats = json.loads((out / "dataset.json").read_text())["source"]["statistics"]
+    assert stats["counts"] == {"kept": 6, "filtered": 0, "rejected": 0, "surplus": 2}
+    assert stats["acceptance_rate"] == 1.0
+    assert len(list((out / "images").iterdir())) == 6
+
+
 def test_webdataset_output_reads_back(tmp_path, label_generator):
     out = tmp_path / "wds"
     assert main(_generate(label_generator, out, "--format", "webdataset", "--shards", "2")) == 0

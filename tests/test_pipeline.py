@@ -55,7 +55,7 @@ def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, caps
     assert set(results["methods"]) == {"handsoff", "handsoff-4", "transfer", "oracle"}
     for metrics in results["methods"].values():
         assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pck@0.1"] <= 1 and metrics["depth_rmse"] >= 0
-    assert results["generation"]["counts"] == {"kept": 6, "filtered": 2, "rejected": 0}
+    assert results["generation"]["counts"] == {"kept": 6, "filtered": 2, "rejected": 0, "surplus": 0}
     for path in ("inversion/latents.safetensors", "label_generator/model.safetensors", "dataset/manifest.jsonl",
                  "downstream/handsoff/model.pt", "downstream/transfer/model.pt", "downstream/oracle/model.pt",
                  "curve/dataset-4/dataset.json"):

@@ -235,7 +235,11 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
     score_of = {e["index"]: round(float(s), 6) for e, s in zip(selected, scores)}
     manifest = []
     for e in entries:
-        status = "rejected" if e["index"] not in chosen_set else ("filtered" if e["index"] in dropped else "kept")
+        if e["index"] not in chosen_set:
+            # Not chosen: turned down by a class quota, or (no quota) past n in the last batch.
+            status = "rejected" if config.min_class_fraction else "surplus"
+        else:
+            status = "filtered" if e["index"] in dropped else "kept"
         row = {"index": e["index"], "name": e["name"], "seed": config.seed, "truncation": config.truncation,
                "latent": {"z": "latents_for_seeds(seed, [index])", "truncation_psi": config.truncation},
                "uncertainty": e["scores"], "status": status}
@@ -269,8 +273,9 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
 def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict], classes: list[str],
           source: dict) -> DatasetCard:
     tasks = {t.name: t for t in model.tasks}
-    counts = {s: sum(r["status"] == s for r in manifest) for s in ("kept", "filtered", "rejected")}
-    stats: dict = {"counts": counts, "acceptance_rate": (counts["kept"] + counts["filtered"]) / len(manifest)}
+    counts = {s: sum(r["status"] == s for r in manifest) for s in ("kept", "filtered", "rejected", "surplus")}
+    candidates = counts["kept"] + counts["filtered"] + counts["rejected"]
+    stats: dict = {"counts": counts, "acceptance_rate": (counts["kept"] + counts["filtered"]) / candidates}
     if classes:
         pixels = np.array([e["class_pixels"] for e in kept], np.float64)
         stats["class_pixel_share"] = dict(zip(classes, (pixels.sum(0) / max(pixels.sum(), 1)).round(6).tolist()))
