@@ -93,9 +93,9 @@ def cmd_init_generator(args) -> int:
 
 def _summary(results: dict) -> str:
     from handsoff.metrics.labels import metric_table
+    from handsoff.pipeline.run import comparison
 
-    main = {k: v for k, v in results["methods"].items() if not k.startswith("handsoff-")}
-    return metric_table(main)
+    return metric_table(comparison(results["methods"]))
 
 
 def cmd_demo(args) -> int:

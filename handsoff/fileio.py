@@ -24,6 +24,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_save(path, lambda tmp: tmp.write_bytes(data))
 
 
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON with a final newline, written atomically."""
+    import json
+
+    return atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
 def save_weights_folder(out_dir: str | os.PathLike, state_dict: dict, config: dict) -> Path:
     """A model folder: ``model.safetensors`` (the state dict, on CPU) and ``config.json``, each written atomically."""
     import json

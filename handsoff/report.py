@@ -20,9 +20,12 @@ import torch
 from PIL import Image
 
 from handsoff.fileio import atomic_write_bytes
+from handsoff.metrics.labels import HEADLINE
+from handsoff.pipeline.run import comparison
 
-METRIC_LABELS = {"miou": "mIoU", "pck@0.1": "PCK@0.1", "pck@0.05": "PCK@0.05", "pck@0.02": "PCK@0.02",
-                 "depth_mse": "depth MSE", "depth_rmse": "depth RMSE", "depth_rmse_log": "depth RMSE-log"}
+# Column headings for the headline metrics, in the order of the text tables.
+METRIC_LABELS = dict(zip(HEADLINE, ("mIoU", "PCK@0.1", "PCK@0.05", "PCK@0.02", "depth MSE", "depth RMSE",
+                                    "depth RMSE-log")))
 LOWER_IS_BETTER = {"depth_mse", "depth_rmse", "depth_rmse_log"}
 
 STYLE = """
@@ -157,18 +160,15 @@ def class_frequency_table(generated: dict, real_folder) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def _sample_strips(run_dir: Path, config: dict, entries: list[dict], colors) -> list[tuple[dict, Image.Image]]:
-    """Regenerate manifest entries (seed, index) with the run's label generator: image | labels | uncertainty."""
-    from handsoff.generator import latents_for_seeds, load_generator
-    from handsoff.label_generator import load_label_generator
+def _sample_strips(model, entries: list[dict], colors) -> list[tuple[dict, Image.Image]]:
+    """Regenerate manifest entries (seed, index) with a run's label generator: image | labels | uncertainty."""
+    from handsoff.generator import latents_for_seeds
     from handsoff.label_generator.model import prediction_sample
     from handsoff.visualize import heat_to_rgb, label_panels
 
-    G = load_generator(config["generator"])
-    model = load_label_generator(run_dir / "label_generator", generator=G)
     strips = []
     for e in entries:
-        z = latents_for_seeds(e["seed"], [e["index"]], G.z_dim)
+        z = latents_for_seeds(e["seed"], [e["index"]], model.G.z_dim)
         result = model.predict_z(z, truncation_psi=e.get("truncation", 0.7))
         strip = label_panels(prediction_sample(result, 0), colors)
         size = result["label_size"]
@@ -197,7 +197,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
              f"images, tasks {', '.join(config['tasks'])}; downstream {config['downstream']['backbone']} "
              f"({html.escape(results.get('downstream_init', ''))}).</p>"]
 
-    main = {k: v for k, v in methods.items() if not k.startswith("handsoff-")}
+    main = comparison(methods)
     parts.append("<h2>Downstream network on real test images</h2>")
     if main:
         parts.append(metrics_table(main))
@@ -260,10 +260,14 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                   ("Most uncertain (dropped by filtering when marked filtered)", ranked[-max(samples // 2, 1):][::-1])]
         parts.append("<h2>Generated samples</h2><p class='muted'>image | labels (mask, keypoints) | depth | "
                      "per-pixel uncertainty (segmentation JS divergence, depth variance; bright = uncertain)</p>")
+        from handsoff.generator import load_generator
+        from handsoff.label_generator import load_label_generator
+
+        model = load_label_generator(run_dir / "label_generator", generator=load_generator(config["generator"]))
         with torch.no_grad():
             for title, chosen in groups:
                 parts.append(f"<h3>{title}</h3>")
-                for e, strip in _sample_strips(run_dir, config, chosen, colors):
+                for e, strip in _sample_strips(model, chosen, colors):
                     u = ", ".join(f"{t} {v:.4f}" for t, v in e["uncertainty"].items())
                     parts.append(f"<figure>{_img(strip, 'sample ' + str(e['index']))}<figcaption>sample "
                                  f"{e['index']} ({e['status']}); image uncertainty {u}</figcaption></figure>")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from handsoff.fileio import atomic_save, atomic_write_bytes
+from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME = "handsoff-labeled"
 FORMAT_VERSION = 1
@@ -97,10 +97,6 @@ def default_color(i: int) -> list[int]:
 
     r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
     return [int(r * 255), int(g * 255), int(b * 255)]
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 class DatasetWriter:

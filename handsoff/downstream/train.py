@@ -208,13 +208,12 @@ def evaluate_run(model_dir: str | os.PathLike, data: str | os.PathLike, out: str
                  ) -> dict:
     """Evaluate a train-downstream run on a labeled dataset; writes the metrics JSON (default
     ``model_dir/metrics.json``) and returns the metrics."""
-    from handsoff.fileio import atomic_write_bytes
+    from handsoff.fileio import atomic_write_json
 
     model, config = load_downstream(model_dir)
     dataset = LabeledImageDataset(data, size=config.get("size"))
     depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
     metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"), sigma=config.get("sigma", 1.5))
     out = Path(out) if out else Path(model_dir) / "metrics.json"
-    atomic_write_bytes(out, (json.dumps({"model": str(model_dir), "data": str(data), **metrics}, indent=1)
-                             + "\n").encode())
+    atomic_write_json(out, {"model": str(model_dir), "data": str(data), **metrics})
     return metrics

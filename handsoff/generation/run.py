@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from handsoff.data.layout import DatasetCard, DatasetError, atomic_write_json
+from handsoff.data.layout import DatasetCard, DatasetError
 from handsoff.data.webdataset import write_webdataset
-from handsoff.fileio import atomic_save, atomic_write_bytes
+from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
 from handsoff.generator.sampling import latents_for_seeds
 
 PROGRESS_DIR = ".progress"

@@ -122,7 +122,7 @@ def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perc
     import time
 
     from handsoff.data.images import ImageFolder
-    from handsoff.fileio import atomic_write_bytes
+    from handsoff.fileio import atomic_write_json
     from handsoff.visualize import image_grid, save_image_atomic
 
     folder = ImageFolder(images_dir, G.img_resolution)
@@ -137,7 +137,7 @@ def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perc
     per_image = {name: {stage: {k: float(stages[stage][k][i]) for k in ("mse", "psnr", "perceptual")}
                         for stage in stages} for i, name in enumerate(folder.names)}
     report = {"settings": settings, "mean": summarize(stages), "images": per_image}
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_json(out.with_suffix(".json"), report)
     n = min(len(images), sheet_rows)
     rows = torch.stack([images[:n], stages["encoder"]["reconstructions"][:n],
                         stages["refined"]["reconstructions"][:n]], 1).reshape(-1, *images.shape[1:])

@@ -11,14 +11,13 @@ random weights unless ``backbone_weights`` names a local ImageNet file.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from handsoff.domains import heads
-from handsoff.fileio import atomic_write_bytes
+from handsoff.fileio import atomic_write_bytes, atomic_write_json
 from handsoff.metrics.labels import HEADLINE, metric_table
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
@@ -115,6 +114,6 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
                "settings": settings, "generator": HEADS_GENERATOR, "tasks": TASKS}
-    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
+    atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())
     return results

@@ -24,15 +24,16 @@ from pathlib import Path
 import torch
 
 from handsoff.data.layout import DatasetError, LabeledFolder
-from handsoff.fileio import atomic_write_bytes
+from handsoff.fileio import atomic_write_json
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.runtime import resolve_device
 
 METHODS = ("handsoff", "transfer", "oracle")
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+def comparison(methods: dict[str, dict]) -> dict[str, dict]:
+    """The methods compared in a run's table: all but the ``handsoff-N`` runs of the dataset-size curve."""
+    return {k: v for k, v in methods.items() if not k.startswith("handsoff-")}
 
 
 def _headline(metrics: dict) -> dict:
@@ -89,7 +90,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
     if saved.exists() and json.loads(saved.read_text()) != config.to_json():
         raise DatasetError(f"{saved}: this folder holds a run with other settings; choose another out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(saved, config.to_json())
+    atomic_write_json(saved, config.to_json())
     device = resolve_device(config.device)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -169,7 +170,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
 
         stage(f"downstream: {method}", method in methods or (config.test is None and
                                                              (run_dir / "model.pt").exists()), train)
-        _write_json(results_path, {**results, "methods": methods, "timings": timings})
+        atomic_write_json(results_path, {**results, "methods": methods, "timings": timings})
 
     results = {
         "methods": methods,
@@ -180,5 +181,5 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
         "downstream_init": "ImageNet (local file)" if ds.backbone_weights else "random (no ImageNet weights given)",
         "timings": timings,
     }
-    _write_json(results_path, results)
+    atomic_write_json(results_path, results)
     return results
