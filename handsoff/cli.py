@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from handsoff.downstream.model import ARCHITECTURES
+from handsoff.downstream.train import SCHEDULES
 from handsoff.runtime import resolve_device
 
 PIPELINE = """\
@@ -95,7 +97,12 @@ def _summary(results: dict) -> str:
     from handsoff.metrics.labels import metric_table
     from handsoff.pipeline.run import comparison
 
-    return metric_table(comparison(results["methods"]))
+    methods = comparison(results["methods"])
+    text = metric_table(methods)
+    per_class = {name: m["iou"] for name, m in methods.items() if "iou" in m}
+    if per_class:
+        text += f"\n\nIoU per class\n{metric_table(per_class, columns=tuple(next(iter(per_class.values()))))}"
+    return text
 
 
 def cmd_demo(args) -> int:
@@ -103,7 +110,7 @@ def cmd_demo(args) -> int:
     from handsoff.pipeline.benchmark import run_demo
 
     t0 = time.perf_counter()
-    results = run_demo(args.out, seed=args.seed, progress=not args.quiet)
+    results = run_demo(args.out, seed=args.seed, device=args.device, progress=not args.quiet)
     out = Path(args.out)
     print(f"\nHandsOff demo ({time.perf_counter() - t0:.0f} s): downstream network on "
           f"{results['settings']['test'] and 'real test heads'}\n{_summary(results)}")
@@ -127,6 +134,8 @@ def cmd_run(args) -> int:
     if not args.config:
         raise SystemExit("handsoff run: give a config file (see `handsoff run --print-defaults`)")
     config = load_config(args.config)
+    if args.device:
+        config = config.model_copy(update={"device": args.device})
     t0 = time.perf_counter()
     results = run_pipeline(config, progress=not args.quiet)
     report = write_report(config.out) if args.report else None
@@ -150,16 +159,16 @@ def cmd_benchmark(args) -> int:
     if args.domain != "heads":
         raise SystemExit(f"handsoff benchmark: unknown domain {args.domain!r} (the embedded domain is heads)")
     settings = {"label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
-                "downstream": {"backbone": args.backbone, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+                "downstream": {"architecture": args.arch, "backbone": args.backbone, "epochs": args.epochs,
+                               "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
                                **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
     results = run_benchmark(args.out, labeled=[int(n) for n in args.labeled.split(",")], seeds=args.seeds,
                             validation=args.validation, test=args.test, oracle=args.oracle,
-                            generated=args.generated, settings=settings, progress=not args.quiet)
-    from handsoff.metrics.labels import metric_table
-
+                            generated=args.generated, settings=settings, device=args.device,
+                            progress=not args.quiet)
     print(f"\n{results['seeds']} seed(s), mean ± std, {results['downstream_init']}\n"
-          f"{metric_table(results['methods'])}")
+          + (Path(args.out) / "table.txt").read_text().split("\n", 1)[1])
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
     return 0
 
@@ -311,7 +320,8 @@ def cmd_train_downstream(args) -> int:
     result = train_downstream(args.data.split(","), args.val, args.out, tasks=parse_task_names(args.tasks),
                               backbone=args.backbone, backbone_weights=args.backbone_weights, epochs=args.epochs,
                               batch_size=args.batch, lr=args.lr, patience=args.patience, size=args.size,
-                              seed=args.seed, images_per_epoch=args.images_per_epoch)
+                              seed=args.seed, images_per_epoch=args.images_per_epoch, architecture=args.arch,
+                              schedule=args.schedule, device=args.device)
     best = max(result["history"], key=lambda h: h["score"])
     print(f"wrote {args.out}/model.pt (best epoch {best['epoch']} of {len(result['history'])} on the validation "
           f"split: {json.dumps(best['val'])})")
@@ -322,7 +332,7 @@ def cmd_evaluate(args) -> int:
     from handsoff.downstream import evaluate_run
     from handsoff.metrics.labels import metric_table
 
-    metrics = evaluate_run(args.model, args.data, args.out)
+    metrics = evaluate_run(args.model, args.data, args.out, device=args.device)
     print(metric_table({Path(args.model).name: metrics}))
     print(f"wrote {args.out or Path(args.model) / 'metrics.json'}")
     return 0
@@ -379,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "resume.")
     p.add_argument("--out", default="handsoff-demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -389,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML or JSON config")
     p.add_argument("--print-defaults", action="store_true", help="print a complete example config and exit")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (overrides the config's device)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -411,12 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--oracle", type=int, default=5000)
     p.add_argument("--lg-steps", type=int, default=400, help="label generator training steps")
+    p.add_argument("--arch", default="unet", choices=ARCHITECTURES, help="downstream network (every method)")
     p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
     p.add_argument("--epochs", type=int, default=8, help="downstream epochs (every method: the same schedule)")
     p.add_argument("--images-per-epoch", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 
@@ -565,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train-downstream", help="train a DeepLabV3 (a head per task) on labeled datasets")
+    p = sub.add_parser("train-downstream", help="train the downstream network (a U-Net or DeepLabV3, a head per "
+                       "task) on labeled datasets")
     p.add_argument("--data", required=True, help="dataset folder(s), comma-separated (standard layout)")
     p.add_argument("--val", required=True, help="validation dataset for checkpoint selection (never the test set)")
     p.add_argument("--tasks", default="seg")
@@ -578,13 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without improvement")
     p.add_argument("--size", type=int, default=None, help="train at this resolution (default: the data's)")
     p.add_argument("--images-per-epoch", type=int, default=None, help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any size the same schedule")
+    p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
+                   help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
+                   "paper's network (output stride 8)")
+    p.add_argument("--schedule", default="onecycle", choices=SCHEDULES,
+                   help="learning rate: one-cycle (warm-up, cosine decay) or constant (the paper's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (mixed precision on CUDA)")
     p.set_defaults(func=cmd_train_downstream)
 
     p = sub.add_parser("evaluate", help="evaluate a downstream model on real labeled images")
     p.add_argument("--model", required=True, help="run folder from train-downstream")
     p.add_argument("--data", required=True, help="labeled test dataset")
     p.add_argument("--out", default=None, help="metrics JSON (default MODEL/metrics.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (any device, whatever it trained on)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")

@@ -81,6 +81,32 @@ def metrics_table(methods: dict[str, dict]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def per_class_table(methods: dict[str, dict]) -> str:
+    """HTML table of IoU per class (columns) for each method (rows); the best of each column in bold, so that a
+    reader sees which parts each dataset teaches (small parts hide in the mean)."""
+    rows_in = {name: m["iou"] for name, m in methods.items() if "iou" in m}
+    if not rows_in:
+        return ""
+    classes = list(next(iter(rows_in.values())))
+
+    def value(v):
+        return v["mean"] if isinstance(v, dict) else v
+
+    best = {c: max((value(r[c]) for r in rows_in.values() if r.get(c) is not None), default=None) for c in classes}
+    rows = ["<tr><th>method</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes) + "</tr>"]
+    for name, r in rows_in.items():
+        cells = []
+        for c in classes:
+            v = r.get(c)
+            if v is None or value(v) is None:
+                cells.append("<td>-</td>")
+                continue
+            bold = ' class="best"' if value(v) == best[c] else ""
+            cells.append(f"<td{bold}>{value(v):.2f}</td>")
+        rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
 def line_plot(series: dict[str, list[tuple[float, float]]], lines: dict[str, float], xlabel: str, ylabel: str,
               width: int = 520, height: int = 300) -> str:
     """Inline SVG: one polyline with markers per series (log x axis), dashed horizontal reference lines."""
@@ -194,7 +220,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     methods = results.get("methods", {})
     parts = [f"<h1>handsoff report</h1><p class='muted'>{html.escape(str(run_dir.resolve().name))}: generator "
              f"<code>{html.escape(config['generator'])}</code>, {len(LabeledFolder(config['labeled']))} labeled "
-             f"images, tasks {', '.join(config['tasks'])}; downstream {config['downstream']['backbone']} "
+             f"images, tasks {', '.join(config['tasks'])}; downstream "
+             f"{config['downstream'].get('architecture', 'deeplabv3')} on {config['downstream']['backbone']} "
              f"({html.escape(results.get('downstream_init', ''))}).</p>"]
 
     main = comparison(methods)
@@ -204,6 +231,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         parts.append("<p class='muted'>HandsOff: trained on the generated dataset. Transfer: the same network and "
                      "schedule on the labeled real images alone. Oracle: the same on a large labeled real set. "
                      "Lower is better for depth errors; the best value per column is bold.</p>")
+        if any("iou" in m for m in main.values()):
+            parts.append("<h3>IoU per class</h3>" + per_class_table(main))
     else:
         parts.append("<p class='muted'>No test set was given: no metrics.</p>")
 

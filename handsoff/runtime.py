@@ -31,10 +31,25 @@ def tune_allocator() -> bool:
         return False
 
 
-def resolve_device(name: str):
-    """A torch.device from a device option: "auto" (CUDA when available, else CPU), "cpu", "cuda:1", ..."""
+def resolve_device(name) -> "torch.device":
+    """A torch.device from a device option: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+
+    Raises ValueError naming the option for a malformed name or a CUDA device this machine does not have."""
     import torch
 
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: handsoff runs on cpu or cuda")
+    return device

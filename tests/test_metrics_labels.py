@@ -38,6 +38,18 @@ def test_pck_by_hand():
     assert strict["pck@0.1"] == pytest.approx(2 / 3) and strict["pck@0.02"] == pytest.approx(1 / 3)
 
 
+def test_pck_per_keypoint_by_hand():
+    # Two images, three keypoints; longer side 100 -> thresholds 10, 5, 2 px.
+    target = np.array([[[10, 10, 2], [20, 20, 2], [30, 30, 1]],
+                       [[10, 10, 2], [20, 20, 0], [30, 30, 1]]], float)
+    pred = np.array([[[10, 13, 1], [20, 29, 1], [0, 0, 1]],
+                     [[10, 11, 1], [0, 0, 1], [30, 30, 1]]], float)
+    out = pck(pred, target, image_size=100, names=["nose", "chin", "ear"])["per_keypoint"]
+    assert out["nose"] == {"pck@0.1": 1.0, "pck@0.05": 1.0, "pck@0.02": 0.5, "count": 2}  # distances 3 and 1
+    assert out["chin"] == {"pck@0.1": 1.0, "pck@0.05": 0.0, "pck@0.02": 0.0, "count": 1}  # one visible, 9 px
+    assert out["ear"] == {"pck@0.1": None, "pck@0.05": None, "pck@0.02": None, "count": 0}  # never visible
+
+
 def test_depth_errors_by_hand():
     t = np.array([[1.0, 2.0], [4.0, np.nan]])
     p = np.array([[1.0, 3.0], [4.0, 7.0]])

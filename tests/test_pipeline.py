@@ -55,17 +55,21 @@ def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, caps
     assert set(results["methods"]) == {"handsoff", "handsoff-4", "transfer", "oracle"}
     for metrics in results["methods"].values():
         assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pck@0.1"] <= 1 and metrics["depth_rmse"] >= 0
+        # Which parts each dataset teaches: IoU per class and PCK per keypoint for every method.
+        assert {"background", "skin", "eye", "nose", "mouth"} <= set(metrics["iou"])
+        assert len(metrics["pck_per_keypoint"]) == 12 and "pck@0.02" in next(iter(metrics["pck_per_keypoint"].values()))
     assert results["generation"]["counts"] == {"kept": 6, "filtered": 2, "rejected": 0, "surplus": 0}
     for path in ("inversion/latents.safetensors", "label_generator/model.safetensors", "dataset/manifest.jsonl",
                  "downstream/handsoff/model.pt", "downstream/transfer/model.pt", "downstream/oracle/model.pt",
                  "curve/dataset-4/dataset.json"):
         assert (out / path).exists(), path
     table = capsys.readouterr().out
-    assert "handsoff" in table and "transfer" in table and "oracle" in table
+    assert "handsoff" in table and "transfer" in table and "oracle" in table and "IoU per class" in table
 
     # The report: self-contained (every image embedded), every section present.
     page = (out / "report.html").read_text()
-    for section in ("Downstream network on real test images", "vs number of generated images", "Inversion",
+    for section in ("Downstream network on real test images", "IoU per class", "vs number of generated images",
+                    "Inversion",
                     "Label generator", "Most uncertain", "Class frequencies"):
         assert section in page, section
     assert "<svg" in page and page.count("data:image/png;base64,") >= 8

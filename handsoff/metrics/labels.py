@@ -46,11 +46,12 @@ def merge_classes(mask, lut) -> np.ndarray:
     return np.asarray(lut)[_np(mask)]
 
 
-def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 0.02), strict: bool = False
-        ) -> dict:
+def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 0.02), strict: bool = False,
+        names: list[str] | None = None) -> dict:
     """PCK over all images: pred (N, K, 2 or 3) pixels (a third column <= 0 marks 'not visible', used only with
     ``strict``), target (N, K, 3) with COCO visibility; image_size: side or (H, W).
-    Returns {'pck@t': share, ..., 'count': n}."""
+    Returns {'pck@t': share, ..., 'count': n}; with ``names`` (K keypoint names) also 'per_keypoint':
+    {name: {'pck@t': share or None, 'count': n}} (None where the keypoint is never visible)."""
     p, t = _np(pred).astype(np.float64), _np(target).astype(np.float64)
     longer = max(image_size) if isinstance(image_size, tuple) else image_size
     visible = t[..., 2] == 2
@@ -61,6 +62,12 @@ def pck(pred, target, image_size: int | tuple[int, int], thresholds=(0.1, 0.05, 
     out = {f"pck@{th:g}": (float((dist[visible] <= th * longer).mean()) if n else float("nan"))
            for th in thresholds}
     out["count"] = n
+    if names is not None:
+        out["per_keypoint"] = {
+            name: {**{f"pck@{th:g}": (float((dist[:, k][visible[:, k]] <= th * longer).mean())
+                                      if visible[:, k].any() else None) for th in thresholds},
+                   "count": int(visible[:, k].sum())}
+            for k, name in enumerate(names)}
     return out
 
 

@@ -43,15 +43,17 @@ def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, 
 
 
 def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: int, curve: list[int],
-                 settings: dict) -> PipelineConfig:
+                 settings: dict, device: str = "auto") -> PipelineConfig:
     """The pipeline config of one benchmark cell; ``settings`` holds per-stage overrides."""
     return PipelineConfig.model_validate({
-        "out": out, "generator": HEADS_GENERATOR, "tasks": TASKS, "seed": seed, "transfer": True, "curve": curve,
+        "out": out, "generator": HEADS_GENERATOR, "tasks": TASKS, "seed": seed, "device": device, "transfer": True,
+        "curve": curve,
         **data, "generation": {"n": generated, **settings.get("generation", {})},
         **{k: settings[k] for k in ("inversion", "label_generator", "downstream") if k in settings}})
 
 
-def run_demo(out: str | Path, *, seed: int = 0, progress: bool = True, log=print, **overrides) -> dict:
+def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: bool = True, log=print,
+             **overrides) -> dict:
     """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html."""
     from handsoff.report import write_report
 
@@ -67,7 +69,7 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: bool = True, log=print
              if sizes["oracle"] else None}
     config = heads_config(out, paths, seed, sizes["generated"], sizes["curve"],
                           {k: sizes[k] for k in ("inversion", "label_generator", "generation", "downstream")
-                           if k in sizes})
+                           if k in sizes}, device)
     results = run_pipeline(config, progress=progress, log=log)
     log("[report]")
     write_report(out)
@@ -81,8 +83,8 @@ def _aggregate(values: list[float]) -> dict:
 
 
 def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation: int = 500, test: int = 1000,
-                  oracle: int = 5000, generated: int = 5000, settings: dict | None = None, progress: bool = True,
-                  log=print) -> dict:
+                  oracle: int = 5000, generated: int = 5000, settings: dict | None = None, device: str = "auto",
+                  progress: bool = True, log=print) -> dict:
     """Every (seed, labeled size) cell, then mean and std over seeds per method; writes results.json, table.txt."""
     out = Path(out).resolve()
     settings = settings or {}
@@ -100,17 +102,24 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
             cell = {"labeled": labeled_dir, "validation": fixed["validation"], "test": fixed["test"],
                     "oracle": fixed["oracle"] if i == 0 else None}
             results = run_pipeline(heads_config(out / f"seed{seed}" / f"labeled-{n}", cell, seed, generated, [],
-                                                settings), progress=progress, log=log)
+                                                settings, device), progress=progress, log=log)
             for method, metrics in results["methods"].items():
                 name = method if method == "oracle" else f"{method}-{n}"
                 per_cell.setdefault(name, []).append(metrics)
     order = sorted(per_cell, key=lambda m: (m == "oracle", m.split("-")[0] != "transfer", m))
     summary = {name: {k: _aggregate([m.get(k) for m in per_cell[name]]) for k in HEADLINE if k in per_cell[name][0]}
                for name in order}
+    for name in order:  # IoU per class, mean and spread over seeds (None: the class never occurred)
+        if "iou" in per_cell[name][0]:
+            summary[name]["iou"] = {c: _aggregate([m["iou"].get(c) for m in per_cell[name]])
+                                    for c in per_cell[name][0]["iou"]}
     downstream = settings.get("downstream", {})
     init = ("ImageNet (local file)" if downstream.get("backbone_weights") else "random") + " init"
-    table = (f"heads-64, mean ± std over {seeds} seed(s); every method: DeepLabV3 on "
+    table = (f"heads-64, mean ± std over {seeds} seed(s); every method: {downstream.get('architecture', 'unet')} on "
              f"{downstream.get('backbone', 'resnet18')}, {init}, the same schedule\n{metric_table(summary)}")
+    per_class = {name: summary[name]["iou"] for name in order if "iou" in summary[name]}
+    if per_class:
+        table += f"\n\nIoU per class\n{metric_table(per_class, columns=tuple(next(iter(per_class.values()))))}"
     results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
                "settings": settings, "generator": HEADS_GENERATOR, "tasks": TASKS}

@@ -76,13 +76,17 @@ class GenerationSettings(Section):
 
 
 class DownstreamSettings(Section):
-    """Stage 4 (`handsoff train-downstream`): the same schedule for HandsOff and every baseline."""
+    """Stage 4 (`handsoff train-downstream`): the same schedule for HandsOff and every baseline. ``architecture``:
+    unet (predicts at full resolution: the default, right for low resolutions and CPU) or deeplabv3 (the
+    paper's network at 512 px)."""
 
+    architecture: Literal["unet", "deeplabv3"] = "unet"
     backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet18"
     backbone_weights: Path | None = None
     epochs: int = Field(20, ge=1)
     batch: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
+    schedule: Literal["onecycle", "constant"] = "onecycle"
     patience: int = Field(5, ge=1)
     images_per_epoch: int | None = Field(None, ge=1)
     size: int | None = Field(None, ge=16)

@@ -37,8 +37,14 @@ def comparison(methods: dict[str, dict]) -> dict[str, dict]:
 
 
 def _headline(metrics: dict) -> dict:
-    """The flat metrics of one method (per-class and per-keypoint detail stays in the method's metrics.json)."""
-    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    """One method's entry in results.json: the flat headline metrics, IoU per class ("iou") and PCK per keypoint
+    ("pck_per_keypoint"), so that a reader sees which parts each dataset teaches."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    if "segmentation" in metrics:
+        out["iou"] = metrics["segmentation"]["iou"]
+    if "per_keypoint" in metrics.get("keypoints", {}):
+        out["pck_per_keypoint"] = metrics["keypoints"]["per_keypoint"]
+    return out
 
 
 def _subset(dataset: Path, out: Path, n: int) -> Path:
@@ -86,12 +92,13 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
 
     out = Path(config.out)
     check_inputs(config)
+    device = resolve_device(config.device)
     saved = out / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != config.to_json():
+    # The device is where the run executes, not what it computes: a run may resume on another device.
+    if saved.exists() and {**json.loads(saved.read_text()), "device": config.device} != config.to_json():
         raise DatasetError(f"{saved}: this folder holds a run with other settings; choose another out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, config.to_json())
-    device = resolve_device(config.device)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     timings: dict[str, float] = results.get("timings", {})
@@ -164,9 +171,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
             train_downstream(train_dirs, val_dir, run_dir, tasks=list(config.tasks), backbone=ds.backbone,
                              backbone_weights=ds.backbone_weights, epochs=ds.epochs, batch_size=ds.batch, lr=ds.lr,
                              patience=ds.patience, size=ds.size, seed=config.seed,
-                             images_per_epoch=ds.images_per_epoch, progress=progress)
+                             images_per_epoch=ds.images_per_epoch, architecture=ds.architecture,
+                             schedule=ds.schedule, device=str(device), progress=progress)
             if config.test is not None:
-                methods[method] = _headline(evaluate_run(run_dir, config.test))
+                methods[method] = _headline(evaluate_run(run_dir, config.test, device=str(device)))
 
         stage(f"downstream: {method}", method in methods or (config.test is None and
                                                              (run_dir / "model.pt").exists()), train)
