@@ -414,22 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "the whole pipeline, the Transfer baseline (same network and schedule on the labeled real "
                        "images) and the Oracle (the same on --oracle real heads). Sizes are flags: small on a CPU, "
                        "full on a GPU. Rerun to resume.")
+    from handsoff.pipeline.benchmark import DEMO  # the CPU sizes: the demo's, defined once
+
+    ds = DEMO["downstream"]
     p.add_argument("--domain", default="heads")
     p.add_argument("--labeled", default="16,50", help="labeled-set sizes, comma-separated")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/benchmark-heads")
-    p.add_argument("--generated", type=int, default=1112, help="generated samples per cell (before filtering)")
-    p.add_argument("--validation", type=int, default=200)
-    p.add_argument("--test", type=int, default=500)
-    p.add_argument("--oracle", type=int, default=5000)
-    p.add_argument("--lg-steps", type=int, default=400, help="label generator training steps")
-    p.add_argument("--arch", default="unet", choices=ARCHITECTURES, help="downstream network (every method)")
-    p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
+    p.add_argument("--generated", type=int, default=DEMO["generated"],
+                   help="generated samples per cell (before filtering)")
+    p.add_argument("--validation", type=int, default=DEMO["validation"])
+    p.add_argument("--test", type=int, default=DEMO["test"])
+    p.add_argument("--oracle", type=int, default=DEMO["oracle"])
+    p.add_argument("--lg-steps", type=int, default=DEMO["label_generator"]["max_steps"],
+                   help="label generator training steps")
+    p.add_argument("--arch", default=ds["architecture"], choices=ARCHITECTURES, help="downstream network (every "
+                   "method)")
+    p.add_argument("--backbone", default=ds["backbone"], help="resnet18 (CPU), resnet50, resnet101, "
+                   "mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
-    p.add_argument("--epochs", type=int, default=8, help="downstream epochs (every method: the same schedule)")
-    p.add_argument("--images-per-epoch", type=int, default=512)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=ds["epochs"], help="downstream epochs (every method: the same "
+                   "schedule)")
+    p.add_argument("--images-per-epoch", type=int, default=ds["images_per_epoch"])
+    p.add_argument("--batch", type=int, default=ds["batch"])
+    p.add_argument("--lr", type=float, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)

@@ -142,3 +142,20 @@ def test_unet_predicts_at_full_resolution_and_resolves_a_few_pixels(size):
         results[arch] = ((pred == 1) & (mask == 1)).sum() / ((pred == 1) | (mask == 1)).sum()
     assert results["unet"] > 0.8, results
     assert results["deeplabv3"] < results["unet"], results
+
+
+def test_soft_dice_weighs_classes_equally():
+    """Missing a 1-pixel part costs Dice about as much as missing a 9-pixel one; cross-entropy scales with pixels."""
+    from handsoff.downstream.train import soft_dice_loss
+
+    losses = {}
+    for side in (1, 3):
+        mask = torch.zeros(1, 8, 8, dtype=torch.long)
+        mask[0, :side, :side] = 1
+        perfect = torch.nn.functional.one_hot(mask, 3).permute(0, 3, 1, 2).float() * 20
+        assert soft_dice_loss(perfect, mask) < 0.01  # class 2 (absent everywhere) does not count
+        missed = perfect.clone()
+        missed[0, :, :side, :side] = torch.tensor([20.0, 0, 0])[:, None, None]  # the part predicted as background
+        losses[side] = (float(soft_dice_loss(missed, mask)), float(torch.nn.functional.cross_entropy(missed, mask)))
+    assert losses[1][0] > 0.2 and losses[3][0] > 0.4 and abs(losses[1][0] - losses[3][0]) < 0.25
+    assert losses[3][1] / losses[1][1] > 8  # cross-entropy: 9 times the pixels, 9 times the loss

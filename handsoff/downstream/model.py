@@ -149,6 +149,10 @@ class UNetDecoder(nn.Module):
         ins = [channels[-1], *widths[:-1]]
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, widths))
         self.predict = nn.Conv2d(widths[-1], 4 * out_channels, 3, padding=1)
+        # Start from near-zero outputs: with several tasks sharing the decoder, a random prediction layer makes the
+        # first steps' keypoint and depth errors (large, from random outputs) dominate the shared gradients.
+        nn.init.normal_(self.predict.weight, std=1e-3)
+        nn.init.zeros_(self.predict.bias)
 
     def forward(self, pyramid: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         skips = [*pyramid[-2:0:-1], torch.cat([pyramid[0], F.pixel_unshuffle(image, 2)], 1)]

@@ -44,9 +44,13 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "training.json"
 LOG_FILE = "log.jsonl"
 
-# Config keys that may change when a run is resumed (how long, how often to report), unlike the model or the losses.
+# Config keys that may change when a run is resumed (how long, how often to report, where and in which arithmetic it
+# runs), unlike the model or the losses. Precision is here because weights and optimizer states are float32 in
+# every mode, and the fast mode is machine-specific: bf16 is emulated on CPUs without AVX512-BF16 / AMX (measured
+# on an AVX2-only AMD EPYC: a mixed-precision step about 30x slower than float32), so a run moved to such a
+# machine must be able to continue in float32.
 RESUMABLE_CHANGES = {"data", "out", "total_images", "tick_images", "snapshot_images", "device", "progress",
-                     "batch_per_round"}
+                     "batch_per_round", "precision", "num_fp16_res"}
 
 
 class TrainingError(ValueError):
