@@ -158,7 +158,8 @@ def cmd_benchmark(args) -> int:
 
     if args.domain != "heads":
         raise SystemExit(f"handsoff benchmark: unknown domain {args.domain!r} (the embedded domain is heads)")
-    settings = {"label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
+    settings = {"inversion": {"steps": args.inversion_steps},
+                "label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
                 "downstream": {"architecture": args.arch, "backbone": args.backbone, "epochs": args.epochs,
                                "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int, default=DEMO["validation"])
     p.add_argument("--test", type=int, default=DEMO["test"])
     p.add_argument("--oracle", type=int, default=DEMO["oracle"])
+    p.add_argument("--inversion-steps", type=int, default=DEMO["inversion"]["steps"],
+                   help="W+ optimization steps per labeled image")
     p.add_argument("--lg-steps", type=int, default=DEMO["label_generator"]["max_steps"],
                    help="label generator training steps")
     p.add_argument("--arch", default=ds["architecture"], choices=ARCHITECTURES, help="downstream network (every "
