@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated samples per cell (before filtering)")
     p.add_argument("--validation", type=int, default=DEMO["validation"])
     p.add_argument("--test", type=int, default=DEMO["test"])
-    p.add_argument("--oracle", type=int, default=DEMO["oracle"])
+    p.add_argument("--oracle", type=int, default=5000, help="real heads the Oracle trains on (the demo: 2,000)")
     p.add_argument("--inversion-steps", type=int, default=DEMO["inversion"]["steps"],
                    help="W+ optimization steps per labeled image")
     p.add_argument("--lg-steps", type=int, default=DEMO["label_generator"]["max_steps"],

@@ -7,7 +7,7 @@ from handsoff.cli import main
 from handsoff.domains.heads import write_heads_dataset
 from handsoff.downstream import DenseModel, load_downstream
 from handsoff.downstream.model import build_backbone, load_backbone_weights
-from handsoff.downstream.train import heatmaps
+from handsoff.downstream.train import heatmaps, soft_dice_loss
 from handsoff.generator import CheckpointError
 
 
@@ -130,9 +130,10 @@ def test_unet_predicts_at_full_resolution_and_resolves_a_few_pixels(size):
         model = DenseModel("resnet18", {"seg": 2, "depth": 1}, architecture=arch)
         out = model(images)
         assert out["seg"].shape == (2, 2, size, size) and out["depth"].shape == (2, 1, size, size)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(60):
-            loss = torch.nn.functional.cross_entropy(model(images)["seg"], mask)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(80):
+            logits = model(images)["seg"]
+            loss = torch.nn.functional.cross_entropy(logits, mask) + soft_dice_loss(logits, mask)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -140,14 +141,12 @@ def test_unet_predicts_at_full_resolution_and_resolves_a_few_pixels(size):
         with torch.no_grad():
             pred = model(images)["seg"].argmax(1)
         results[arch] = ((pred == 1) & (mask == 1)).sum() / ((pred == 1) | (mask == 1)).sum()
-    assert results["unet"] > 0.8, results
-    assert results["deeplabv3"] < results["unet"], results
+    assert results["unet"] > 0.6, results
+    assert results["unet"] > results["deeplabv3"] + 0.3, results
 
 
 def test_soft_dice_weighs_classes_equally():
     """Missing a 1-pixel part costs Dice about as much as missing a 9-pixel one; cross-entropy scales with pixels."""
-    from handsoff.downstream.train import soft_dice_loss
-
     losses = {}
     for side in (1, 3):
         mask = torch.zeros(1, 8, 8, dtype=torch.long)

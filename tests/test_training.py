@@ -63,6 +63,17 @@ def test_resume_refuses_a_different_model(tmp_path, heads16, capsys):
     assert "training.json" in err and "channel_max" in err
 
 
+def test_resume_may_change_precision_and_records_it(tmp_path, heads16):
+    """Weights and optimizer states are float32 in every mode, so a run may continue in another precision (bf16
+    is emulated, and very slow, on CPUs without AVX512-BF16); training.json then says what the run uses now."""
+    args = ["train-gan", "--data", str(heads16), "--out", str(tmp_path / "run"), *TINY_RUN]
+    assert main([*args, "--images", "8", "--precision", "mixed"]) == 0
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["precision"] == "mixed"
+    assert main([*args, "--images", "16", "--precision", "fp32"]) == 0
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["precision"] == "fp32"
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["images_seen"] == 16
+
+
 def test_training_data_errors_name_the_file(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()

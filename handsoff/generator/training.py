@@ -402,6 +402,8 @@ def train_gan(config: TrainingConfig) -> Path:
     state_path = run / STATE_FILE
     if state_path.exists():
         _check_resume(run, config)
+        # The file records what the run continues with (resumable keys such as precision may have changed).
+        atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         state.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
         _truncate_log(run / LOG_FILE, state.images_seen)
         print(f"resuming {run} at {state.images_seen} images (step {state.step})")
