@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -376,6 +377,34 @@ def cmd_import_data(args) -> int:
     return 0
 
 
+def _number(kind, minimum=None, maximum=None, low_open=False, high_open=False):
+    """An argparse type: ``kind`` (int or float), finite, within [minimum, maximum] (open ends where asked), so a
+    bad value is refused before any work with a message naming the option (argparse adds its name)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value < minimum or (low_open and value == minimum)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {minimum}, got {text}")
+        if maximum is not None and (value > maximum or (high_open and value == maximum)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {maximum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NONNEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0, low_open=True)
+NONNEGATIVE = _number(float, 0)
+PROBABILITY = _number(float, 0, 1)
+FRACTION = _number(float, 0, 1, high_open=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
                                      "handful of labeled real images.", epilog=PIPELINE,
@@ -389,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluate all three on real test heads; write results.json and report.html. Rerun to "
                        "resume.")
     p.add_argument("--out", default="handsoff-demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -420,40 +449,40 @@ def build_parser() -> argparse.ArgumentParser:
     ds = DEMO["downstream"]
     p.add_argument("--domain", default="heads")
     p.add_argument("--labeled", default="16,50", help="labeled-set sizes, comma-separated")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=POSITIVE_INT, default=3)
     p.add_argument("--out", default="runs/benchmark-heads")
-    p.add_argument("--generated", type=int, default=DEMO["generated"],
+    p.add_argument("--generated", type=POSITIVE_INT, default=DEMO["generated"],
                    help="generated samples per cell (before filtering)")
-    p.add_argument("--validation", type=int, default=DEMO["validation"])
-    p.add_argument("--test", type=int, default=DEMO["test"])
-    p.add_argument("--oracle", type=int, default=5000, help="real heads the Oracle trains on (the demo: 2,000)")
-    p.add_argument("--inversion-steps", type=int, default=DEMO["inversion"]["steps"],
+    p.add_argument("--validation", type=POSITIVE_INT, default=DEMO["validation"])
+    p.add_argument("--test", type=POSITIVE_INT, default=DEMO["test"])
+    p.add_argument("--oracle", type=POSITIVE_INT, default=5000, help="real heads the Oracle trains on (the demo: 2,000)")
+    p.add_argument("--inversion-steps", type=NONNEGATIVE_INT, default=DEMO["inversion"]["steps"],
                    help="W+ optimization steps per labeled image")
-    p.add_argument("--lg-steps", type=int, default=DEMO["label_generator"]["max_steps"],
+    p.add_argument("--lg-steps", type=POSITIVE_INT, default=DEMO["label_generator"]["max_steps"],
                    help="label generator training steps")
     p.add_argument("--arch", default=ds["architecture"], choices=ARCHITECTURES, help="downstream network (every "
                    "method)")
     p.add_argument("--backbone", default=ds["backbone"], help="resnet18 (CPU), resnet50, resnet101, "
                    "mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
-    p.add_argument("--epochs", type=int, default=ds["epochs"], help="downstream epochs (every method: the same "
+    p.add_argument("--epochs", type=POSITIVE_INT, default=ds["epochs"], help="downstream epochs (every method: the same "
                    "schedule)")
-    p.add_argument("--images-per-epoch", type=int, default=ds["images_per_epoch"])
-    p.add_argument("--batch", type=int, default=ds["batch"])
-    p.add_argument("--lr", type=float, default=ds["lr"])
+    p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=ds["images_per_epoch"])
+    p.add_argument("--batch", type=POSITIVE_INT, default=ds["batch"])
+    p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("init-generator", help="save a randomly initialized StyleGAN2 (no download needed)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--resolution", type=int, default=SLIM_GENERATOR["resolution"])
-    p.add_argument("--z-dim", type=int, default=SLIM_GENERATOR["z_dim"])
-    p.add_argument("--w-dim", type=int, default=SLIM_GENERATOR["w_dim"])
-    p.add_argument("--n-mlp", type=int, default=SLIM_GENERATOR["n_mlp"])
-    p.add_argument("--channel-base", type=int, default=SLIM_GENERATOR["channel_base"])
-    p.add_argument("--channel-max", type=int, default=SLIM_GENERATOR["channel_max"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=POSITIVE_INT, default=SLIM_GENERATOR["resolution"])
+    p.add_argument("--z-dim", type=POSITIVE_INT, default=SLIM_GENERATOR["z_dim"])
+    p.add_argument("--w-dim", type=POSITIVE_INT, default=SLIM_GENERATOR["w_dim"])
+    p.add_argument("--n-mlp", type=POSITIVE_INT, default=SLIM_GENERATOR["n_mlp"])
+    p.add_argument("--channel-base", type=POSITIVE_INT, default=SLIM_GENERATOR["channel_base"])
+    p.add_argument("--channel-max", type=POSITIVE_INT, default=SLIM_GENERATOR["channel_max"])
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_init_generator)
 
@@ -465,11 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="save a grid of generated images")
     p.add_argument("--checkpoint", required=True, help="checkpoint path (any format) or shipped name")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--truncation", type=float, default=0.7)
+    p.add_argument("--n", type=POSITIVE_INT, default=16)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--truncation", type=POSITIVE, default=0.7)
     p.add_argument("--out", default="grid.png")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=POSITIVE_INT, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--fp32", action="store_true", help="ignore the checkpoint's reduced-precision layers")
     p.set_defaults(func=cmd_sample)
@@ -482,30 +511,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "accumulation. Running the same command again resumes from OUT/state.pt.")
     p.add_argument("--data", required=True, help="image folder, or a labeled dataset (its images/ are used)")
     p.add_argument("--out", required=True, help="run folder (created, or resumed)")
-    p.add_argument("--size", type=int, default=T.resolution, help="image resolution (images must match)")
-    p.add_argument("--z-dim", type=int, default=T.z_dim)
-    p.add_argument("--w-dim", type=int, default=T.w_dim)
-    p.add_argument("--n-mlp", type=int, default=T.n_mlp)
-    p.add_argument("--channel-base", type=int, default=T.channel_base)
-    p.add_argument("--channel-max", type=int, default=T.channel_max)
-    p.add_argument("--batch", type=int, default=T.batch, help="images per optimizer step")
-    p.add_argument("--batch-per-round", type=int, default=None, help="split steps for gradient accumulation")
-    p.add_argument("--images", type=int, default=T.total_images, help="train until this many images are seen")
-    p.add_argument("--lr", type=float, default=T.lr)
-    p.add_argument("--gamma", type=float, default=None, help="R1 weight (default 0.0002 * size^2 / batch)")
-    p.add_argument("--r1-interval", type=int, default=T.r1_interval)
-    p.add_argument("--pl-weight", type=float, default=T.pl_weight, help="path-length regularization (0 = off)")
-    p.add_argument("--style-mixing", type=float, default=T.style_mixing)
+    p.add_argument("--size", type=POSITIVE_INT, default=T.resolution, help="image resolution (images must match)")
+    p.add_argument("--z-dim", type=POSITIVE_INT, default=T.z_dim)
+    p.add_argument("--w-dim", type=POSITIVE_INT, default=T.w_dim)
+    p.add_argument("--n-mlp", type=POSITIVE_INT, default=T.n_mlp)
+    p.add_argument("--channel-base", type=POSITIVE_INT, default=T.channel_base)
+    p.add_argument("--channel-max", type=POSITIVE_INT, default=T.channel_max)
+    p.add_argument("--batch", type=POSITIVE_INT, default=T.batch, help="images per optimizer step")
+    p.add_argument("--batch-per-round", type=POSITIVE_INT, default=None, help="split steps for gradient accumulation")
+    p.add_argument("--images", type=POSITIVE_INT, default=T.total_images, help="train until this many images are seen")
+    p.add_argument("--lr", type=POSITIVE, default=T.lr)
+    p.add_argument("--gamma", type=NONNEGATIVE, default=None, help="R1 weight (default 0.0002 * size^2 / batch)")
+    p.add_argument("--r1-interval", type=POSITIVE_INT, default=T.r1_interval)
+    p.add_argument("--pl-weight", type=NONNEGATIVE, default=T.pl_weight, help="path-length regularization (0 = off)")
+    p.add_argument("--style-mixing", type=PROBABILITY, default=T.style_mixing)
     p.add_argument("--augment", choices=["ada", "fixed", "none"], default=T.augment)
-    p.add_argument("--augment-p", type=float, default=T.augment_p, help="initial (ada) or fixed probability")
-    p.add_argument("--ada-target", type=float, default=T.ada_target)
+    p.add_argument("--augment-p", type=PROBABILITY, default=T.augment_p, help="initial (ada) or fixed probability")
+    p.add_argument("--ada-target", type=PROBABILITY, default=T.ada_target)
     p.add_argument("--precision", choices=["mixed", "fp32"], default=T.precision,
                    help="mixed: bf16 (CPU) / fp16 (CUDA) in the --fp16-res highest resolutions")
-    p.add_argument("--fp16-res", type=int, default=T.num_fp16_res)
-    p.add_argument("--seed", type=int, default=T.seed)
+    p.add_argument("--fp16-res", type=NONNEGATIVE_INT, default=T.num_fp16_res)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=T.seed)
     p.add_argument("--device", default=T.device, help="auto, cpu, cuda, ...")
-    p.add_argument("--tick", type=int, default=T.tick_images, help="log every this many images")
-    p.add_argument("--snapshot", type=int, default=T.snapshot_images,
+    p.add_argument("--tick", type=POSITIVE_INT, default=T.tick_images, help="log every this many images")
+    p.add_argument("--snapshot", type=POSITIVE_INT, default=T.snapshot_images,
                    help="export a network, a sample grid and the resumable state every this many images")
     p.set_defaults(func=cmd_train_gan)
 
@@ -520,12 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-encoder", help="train a ReStyle-style inversion encoder on the generator's samples")
     p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
     p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, log.jsonl)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--iterations", type=int, default=5, help="ReStyle refinement iterations")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=NONNEGATIVE_INT, default=2000)
+    p.add_argument("--batch", type=POSITIVE_INT, default=16)
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--iterations", type=POSITIVE_INT, default=5, help="ReStyle refinement iterations")
+    p.add_argument("--width", type=POSITIVE_INT, default=32)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     perceptual_args(p)
     p.set_defaults(func=cmd_train_encoder)
 
@@ -534,13 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder or labeled dataset")
     p.add_argument("--out", required=True, help="latents file (.safetensors); .json and .png written beside it")
     p.add_argument("--encoder", help="encoder folder from train-encoder (default: start from the average latent)")
-    p.add_argument("--steps", type=int, default=500, help="optimization steps (0: encoder only)")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--lambda-perceptual", type=float, default=10.0)
-    p.add_argument("--lambda-mse", type=float, default=1.0)
-    p.add_argument("--lambda-reg", type=float, default=1.0, help="weight of ||w - w_encoder||^2")
-    p.add_argument("--batch", type=int, default=16, help="images optimized together")
-    p.add_argument("--sheet-rows", type=int, default=16, help="images shown in the reconstruction sheet")
+    p.add_argument("--steps", type=NONNEGATIVE_INT, default=500, help="optimization steps (0: encoder only)")
+    p.add_argument("--lr", type=POSITIVE, default=0.1)
+    p.add_argument("--lambda-perceptual", type=NONNEGATIVE, default=10.0)
+    p.add_argument("--lambda-mse", type=NONNEGATIVE, default=1.0)
+    p.add_argument("--lambda-reg", type=NONNEGATIVE, default=1.0, help="weight of ||w - w_encoder||^2")
+    p.add_argument("--batch", type=POSITIVE_INT, default=16, help="images optimized together")
+    p.add_argument("--sheet-rows", type=POSITIVE_INT, default=16, help="images shown in the reconstruction sheet")
     perceptual_args(p)
     p.set_defaults(func=cmd_invert)
 
@@ -550,19 +579,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="labeled dataset (standard layout) with the same image names")
     p.add_argument("--tasks", default="seg", help="comma-separated: seg, kp, depth")
     p.add_argument("--out", required=True, help="label generator folder (resumes if it holds state.pt)")
-    p.add_argument("--label-size", type=int, default=None, help="label resolution (default: the masks' size)")
-    p.add_argument("--members", type=int, default=10)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--hidden2", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--min-steps", type=int, default=300)
-    p.add_argument("--patience", type=int, default=200, help="early stop after this many steps without "
+    p.add_argument("--label-size", type=POSITIVE_INT, default=None, help="label resolution (default: the masks' size)")
+    p.add_argument("--members", type=POSITIVE_INT, default=10)
+    p.add_argument("--hidden", type=POSITIVE_INT, default=256)
+    p.add_argument("--hidden2", type=POSITIVE_INT, default=32)
+    p.add_argument("--max-steps", type=POSITIVE_INT, default=3000)
+    p.add_argument("--min-steps", type=NONNEGATIVE_INT, default=300)
+    p.add_argument("--patience", type=POSITIVE_INT, default=200, help="early stop after this many steps without "
                    "improvement of the smoothed loss")
-    p.add_argument("--images-per-step", type=int, default=4)
-    p.add_argument("--pixels", type=int, default=1024, help="label pixels sampled per image per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--keypoint-sigma", type=float, default=1.5, help="heatmap sigma in label pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-step", type=POSITIVE_INT, default=4)
+    p.add_argument("--pixels", type=POSITIVE_INT, default=1024, help="label pixels sampled per image per step")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--keypoint-sigma", type=POSITIVE, default=1.5, help="heatmap sigma in label pixels")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_fit)
 
@@ -572,18 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "`torchrun --nproc-per-node 4 -m handsoff generate --num-samples N ...` (several machines: "
                        "--nnodes/--node-rank/--master-addr, with --out on a shared filesystem).")
     p.add_argument("--label-generator", required=True, help="folder from `handsoff fit`")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=10000,
+    p.add_argument("--n", "--num-samples", dest="n", type=POSITIVE_INT, default=10000,
                    help="samples before uncertainty filtering (under torchrun write --num-samples: torchrun "
                    "mistakes --n for an abbreviation of its own options)")
     p.add_argument("--out", required=True)
-    p.add_argument("--truncation", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--filter-top", type=float, default=0.1, help="fraction dropped as most uncertain")
+    p.add_argument("--truncation", type=POSITIVE, default=0.7)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--filter-top", type=FRACTION, default=0.1, help="fraction dropped as most uncertain")
     p.add_argument("--filter-by", default="combined", help="seg, kp, depth or combined")
     p.add_argument("--keep-filtered", action="store_true", help="move filtered samples to OUT/filtered/")
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
-    p.add_argument("--shards", type=int, default=None, help="number of WebDataset tar shards")
-    p.add_argument("--batch", type=int, default=16, help="samples per batch (the unit of work and resumption)")
+    p.add_argument("--shards", type=POSITIVE_INT, default=None, help="number of WebDataset tar shards")
+    p.add_argument("--batch", type=POSITIVE_INT, default=16, help="samples per batch (the unit of work and resumption)")
     p.add_argument("--min-class-fraction", action="append", metavar="CLASS=F",
                    help="generate until a share F of the samples contain CLASS (rejection sampling)")
     p.add_argument("--generator", help="use this generator instead of the one the label generator records")
@@ -598,18 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (resumes if it holds state.pt)")
     p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local torchvision ImageNet state dict (never downloaded)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without improvement")
-    p.add_argument("--size", type=int, default=None, help="train at this resolution (default: the data's)")
-    p.add_argument("--images-per-epoch", type=int, default=None, help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any size the same schedule")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=20)
+    p.add_argument("--batch", type=POSITIVE_INT, default=8)
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--patience", type=POSITIVE_INT, default=5, help="stop after this many epochs without improvement")
+    p.add_argument("--size", type=POSITIVE_INT, default=None, help="train at this resolution (default: the data's)")
+    p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None, help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any size the same schedule")
     p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
                    help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
                    "paper's network (output stride 8)")
     p.add_argument("--schedule", default="onecycle", choices=SCHEDULES,
                    help="learning rate: one-cycle (warm-up, cosine decay) or constant (the paper's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (mixed precision on CUDA)")
     p.set_defaults(func=cmd_train_downstream)
 
@@ -622,11 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render-heads", help="render labeled heads (the embedded domain) into the standard layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start", type=int, default=0, help="first image index (seed ranges never overlap)")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--n", type=POSITIVE_INT, default=1000)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--start", type=NONNEGATIVE_INT, default=0, help="first image index (seed ranges never overlap)")
+    p.add_argument("--size", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch", type=POSITIVE_INT, default=32)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_render_heads)
 
@@ -645,9 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="contact sheet of a labeled dataset: image | mask + keypoints | depth")
     p.add_argument("dataset")
     p.add_argument("--out", default="sheet.png")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--columns", type=int, default=2)
-    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--n", type=POSITIVE_INT, default=16)
+    p.add_argument("--columns", type=POSITIVE_INT, default=2)
+    p.add_argument("--scale", type=POSITIVE_INT, default=2)
     p.set_defaults(func=cmd_show)
 
     return parser

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from checkpoint_writers import write_rosinality
 from PIL import Image
 
@@ -47,3 +49,30 @@ def test_init_generator(tmp_path):
     out = tmp_path / "out"
     assert main(["init-generator", "--resolution", "32", "--seed", "1", "--out", str(out)]) == 0
     assert load_generator(out).img_resolution == 32
+
+
+BAD_NUMBERS = [  # (command, option, bad value, expected message fragment)
+    (["sample", "--checkpoint", "x", "--out", "g.png"], "--n", "-3", "must be >= 1"),
+    (["sample", "--checkpoint", "x", "--out", "g.png"], "--truncation", "nan", "finite"),
+    (["generate", "--label-generator", "x", "--out", "d"], "--n", "0", "must be >= 1"),
+    (["generate", "--label-generator", "x", "--out", "d"], "--shards", "0", "must be >= 1"),
+    (["generate", "--label-generator", "x", "--out", "d"], "--filter-top", "1", "must be < 1"),
+    (["generate", "--label-generator", "x", "--out", "d"], "--seed", "-1", "must be >= 0"),
+    (["fit", "--generator", "x", "--latents", "l", "--labels", "d", "--out", "o"], "--members", "0", "must be >= 1"),
+    (["train-downstream", "--data", "d", "--val", "v", "--out", "o"], "--epochs", "0", "must be >= 1"),
+    (["train-downstream", "--data", "d", "--val", "v", "--out", "o"], "--batch", "0", "must be >= 1"),
+    (["train-downstream", "--data", "d", "--val", "v", "--out", "o"], "--lr", "inf", "finite"),
+    (["train-gan", "--data", "d", "--out", "o"], "--augment-p", "1.5", "must be <= 1"),
+    (["invert", "--generator", "x", "--images", "d", "--out", "o"], "--steps", "many", "expected an integer"),
+]
+
+
+@pytest.mark.parametrize("command, option, value, fragment", BAD_NUMBERS)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys, command, option, value, fragment):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*command, option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert option in err and fragment in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
