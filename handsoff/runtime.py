@@ -53,3 +53,20 @@ def resolve_device(name) -> "torch.device":
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: handsoff runs on cpu or cuda")
     return device
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss; raised before anything of that step is saved."""
+
+
+def require_finite(loss, where: str, parts: dict | None = None) -> None:
+    """Raise NonFiniteLossError naming ``where`` (the run and step) when ``loss`` (a scalar tensor) is NaN or
+    infinite. The usual causes are a NaN / inf in the labels or a learning rate far too high."""
+    import torch
+
+    if not bool(torch.isfinite(loss.detach())):
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (parts or {}).items())
+        raise NonFiniteLossError(f"{where}: the training loss is {float(loss.detach())}"
+                                 + (f" ({detail})" if detail else "")
+                                 + "; stopped before saving. Check the labels for NaN / inf values (every "
+                                 "label file must hold finite numbers) or lower the learning rate")

@@ -158,3 +158,20 @@ def test_soft_dice_weighs_classes_equally():
         losses[side] = (float(soft_dice_loss(missed, mask)), float(torch.nn.functional.cross_entropy(missed, mask)))
     assert losses[1][0] > 0.2 and losses[3][0] > 0.4 and abs(losses[1][0] - losses[3][0]) < 0.25
     assert losses[3][1] / losses[1][1] > 8  # cross-entropy: 9 times the pixels, 9 times the loss
+
+
+def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, capsys):
+    """One NaN keypoint in the training labels: a one-line error naming the run, no model.pt, exit 1."""
+    import shutil
+
+    data = tmp_path / "nan-data"
+    shutil.copytree(splits["train"], data)
+    coco = json.loads((data / "keypoints.json").read_text())
+    coco["annotations"][0]["keypoints"][0] = float("nan")
+    (data / "keypoints.json").write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    assert main(["train-downstream", "--data", str(data), "--val", str(splits["val"]), "--tasks", "seg,kp",
+                 "--out", str(out), "--epochs", "1", "--batch", "12", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert str(out) in err and "loss is nan" in err and "NaN / inf" in err and "Traceback" not in err
+    assert not (out / "model.pt").exists()

@@ -95,6 +95,20 @@ def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_p
     assert summary["steps"] == 250
 
 
+def test_a_nan_label_stops_fitting_before_anything_is_saved(tiny_generator, tmp_path):
+    from handsoff.runtime import NonFiniteLossError
+
+    G = tiny_generator
+    ws = _latents(G, 2)
+    samples = _synthetic_samples(G, ws, 16)
+    samples[1]["keypoints"][0, 0] = np.nan  # one NaN keypoint in the labeled set
+    model = LabelGenerator(G, [Keypoints(["k"], sigma=2.0)], 16, members=1, hidden=8, hidden2=4)
+    with pytest.raises(NonFiniteLossError, match="fit: step 1: the training loss is nan"):
+        fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=5, images_per_step=2,
+                            pixels_per_image=64, progress=False)
+    assert not (tmp_path / "fit" / "state.pt").exists()
+
+
 def test_jensen_shannon_uncertainty():
     seg = Segmentation(["a", "b", "c"])
     logits = torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)  # 4 members that agree

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from handsoff.data.dataset import LabeledImageDataset
 from handsoff.downstream.model import DenseModel
 from handsoff.fileio import atomic_save
-from handsoff.runtime import resolve_device
+from handsoff.runtime import require_finite, resolve_device
 from handsoff.label_generator.tasks import Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 
@@ -238,6 +238,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                     outputs = model(batch["image"])
                 losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, depth_task, sigma)
                 loss = sum(losses.values())
+                if dtype != torch.float16:  # fp16 loss scaling skips non-finite steps by design
+                    require_finite(loss, f"{out}: epoch {epoch + 1}, step {bar.n + 1}", losses)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

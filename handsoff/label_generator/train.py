@@ -23,6 +23,7 @@ from tqdm import tqdm
 from handsoff.fileio import atomic_save
 from handsoff.label_generator.model import LabelGenerator
 from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
+from handsoff.runtime import require_finite
 
 STATE_FILE = "state.pt"
 
@@ -131,6 +132,7 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
             indices = torch.randperm(n, generator=gen)[:min(images_per_step, n)].tolist()
             pixel_idx = torch.randint(0, size * size, (len(indices), pixels_per_image), generator=gen)
             loss, parts = training_loss(model, data, indices, pixel_idx)
+            require_finite(loss, f"{out_dir}: step {step + 1}", parts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
