@@ -95,6 +95,18 @@ def test_class_quota_reaches_its_target(tmp_path, label_generator):
     assert stats["counts"]["kept"] == 32 and stats["counts"]["rejected"] > 0 and stats["acceptance_rate"] < 1
 
 
+def test_a_quota_the_generator_cannot_fill_gives_up(tmp_path, label_generator, monkeypatch, capsys):
+    import handsoff.generation.run as generation
+
+    monkeypatch.setattr(generation, "PRESENCE_PIXELS", 10**9)  # as if the generator never drew the class
+    out = tmp_path / "never"
+    assert main(["generate", "--label-generator", str(label_generator), "--out", str(out), "--n", "4", "--batch",
+                 "4", "--filter-top", "0", "--device", "cpu", "--min-class-fraction", f"{CLASSES[1]}=1.0"]) == 1
+    err = capsys.readouterr().err
+    assert f"0 of 80 candidates contain {CLASSES[1]!r}" in err and "gave up after 20 candidates per sample" in err
+    assert not (out / "dataset.json").exists()
+
+
 def test_samples_past_n_in_the_last_batch_are_surplus_not_rejections(tmp_path, label_generator):
     out = tmp_path / "surplus"
     assert main(["generate", "--label-generator", str(label_generator), "--out", str(out), "--n", "6", "--batch",

@@ -31,7 +31,8 @@ class GenerationConfig:
     n: samples in the dataset before uncertainty filtering. filter_top: fraction dropped as most uncertain.
     filter_by: a task name or 'combined' (mean of the tasks' rank percentiles). batch: samples per batch (the
     unit of work). fmt: 'folder' (standard layout) or 'webdataset' (tar shards of ``shard_size`` samples).
-    min_class_fraction: {class name: share of the n samples that must contain it}.
+    min_class_fraction: {class name: share of the n samples that must contain it}; at most
+    ``MAX_CANDIDATES_PER_SAMPLE * n`` candidates are drawn for it, then generation stops with an error.
     """
 
     n: int
@@ -57,6 +58,10 @@ class GenerationConfig:
                 raise ValueError(f"min class fraction for {name!r} must be in (0, 1], got {f}")
         if len(self.min_class_fraction) > 1:
             raise ValueError("one --min-class-fraction class per run is supported")
+
+
+# Class quotas draw at most this many candidates per requested sample before giving up with an error.
+MAX_CANDIDATES_PER_SAMPLE = 20
 
 
 def _distributed() -> tuple[int, int]:
@@ -211,12 +216,20 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
         _, full = _quota_selection(entries, config, classes)
         if full or not config.min_class_fraction:
             break
-        # Not enough samples of the class yet: extend the candidate range by what the rate so far suggests.
+        # Not enough samples of the class yet: extend the candidate range by what the rate so far suggests, up to
+        # MAX_CANDIDATES_PER_SAMPLE * n candidates (a class the generator never draws would otherwise never end).
         (name, fraction), = config.min_class_fraction.items()
         cls = classes.index(name)
-        rate = max(np.mean([e["class_pixels"][cls] >= PRESENCE_PIXELS for e in entries]), 1 / len(entries))
+        found = int(sum(e["class_pixels"][cls] >= PRESENCE_PIXELS for e in entries))
+        limit = math.ceil(MAX_CANDIDATES_PER_SAMPLE * config.n / config.batch)
+        if n_batches >= limit:
+            raise ValueError(f"--min-class-fraction {name}={fraction:g}: {found} of {len(entries)} candidates "
+                             f"contain {name!r} ({found / len(entries):.3f}), {math.ceil(fraction * config.n)} "
+                             f"of {config.n} are needed; gave up after {MAX_CANDIDATES_PER_SAMPLE} candidates per "
+                             f"sample. Lower the fraction (delete {out} to start again)")
+        rate = max(found / len(entries), 1 / len(entries))
         extra = math.ceil(max(fraction * config.n / rate - len(entries), config.batch) * 1.1)
-        first, n_batches = n_batches, n_batches + math.ceil(extra / config.batch)
+        first, n_batches = n_batches, min(limit, n_batches + math.ceil(extra / config.batch))
     if rank != 0:
         return None
     return _finalize(model, out, config, entries, classes, source or {})
