@@ -685,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from handsoff.data.layout import DatasetError
+    from handsoff.fileio import FolderLocked
     from handsoff.generator import CheckpointError
     from handsoff.generator.training import TrainingError
     from handsoff.runtime import tune_allocator
@@ -693,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DatasetError, TrainingError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, DatasetError, TrainingError, FileExistsError, FileNotFoundError, FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # bad settings (e.g. an out-of-range option); HANDSOFF_DEBUG=1 shows the traceback

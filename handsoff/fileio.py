@@ -56,3 +56,41 @@ def read_weights_folder(path: str | os.PathLike, what: str) -> tuple[dict, dict]
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: missing; not {what}")
     return json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
+
+
+class FolderLocked(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+def lock_output(folder: str | os.PathLike):
+    """Take an exclusive lock on writing ``folder`` (a hidden ``.NAME.lock`` file beside it) for the life of this
+    process, or raise FolderLocked at once if another process holds it. The kernel releases the lock when the
+    process ends, killed or not, so a crashed run never blocks the next one. Returns the open lock file (keep a
+    reference; closing it releases the lock)."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.with_name(f".{folder.name}.lock"), "a+")  # noqa: SIM115 - held until release
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FolderLocked(f"{folder}: another handsoff process is writing this folder; wait for it to finish "
+                           "or choose another output") from None
+    return handle
+
+
+def fingerprint(*state_dicts) -> str:
+    """A short SHA-256 of tensors (names, shapes, dtypes and values): what identifies the networks a run used."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for state in state_dicts:
+        for name, tensor in sorted(state.items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]

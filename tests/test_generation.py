@@ -170,3 +170,44 @@ def test_downstream_dataset_reads_webdataset_output(tmp_path, label_generator):
     item = data[0]
     assert len(data) == 22 and item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
     assert item["keypoints"].shape == (2, 3) and item["depth"].shape == (1, 32, 32)
+
+
+def test_a_second_writer_is_refused_at_once(tmp_path, label_generator, capsys):
+    from handsoff.fileio import lock_output
+
+    out = tmp_path / "busy"
+    held = lock_output(out)  # another writer holds the folder
+    assert main(_generate(label_generator, out, n=4)) == 1
+    assert "another handsoff process is writing this folder" in capsys.readouterr().err
+    assert not out.exists()
+    held.close()
+    assert main(_generate(label_generator, out, n=4)) == 0  # released: the same command now works
+
+
+def test_resume_or_rerun_with_another_label_generator_is_refused(tmp_path, label_generator, monkeypatch, capsys):
+    import handsoff.generation.run as generation
+    from handsoff.label_generator import load_label_generator
+
+    other = load_label_generator(label_generator)
+    with torch.no_grad():
+        other.ensemble.weight3.mul_(-1)
+    other_path = save_label_generator(other, tmp_path / "other-lg")
+
+    finished = tmp_path / "finished"
+    assert main(_generate(label_generator, finished, n=4)) == 0
+    before = _tree(finished)
+    assert main(_generate(other_path, finished, n=4)) == 1
+    assert "a finished dataset from another label generator" in capsys.readouterr().err
+    assert _tree(finished) == before  # untouched
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the run were killed after its batches, before the dataset is written
+    unfinished = tmp_path / "unfinished"
+    monkeypatch.setattr(generation, "_finalize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(_generate(label_generator, unfinished, n=4))
+    monkeypatch.undo()
+    assert main(_generate(other_path, unfinished, n=4)) == 1
+    err = capsys.readouterr().err
+    assert "started with another label generator" in err and f"delete {unfinished}" in err
+    assert main(_generate(label_generator, unfinished, n=4)) == 0  # the right one resumes and finishes

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from handsoff.data.layout import DatasetCard, DatasetError
 from handsoff.data.webdataset import write_webdataset
-from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
+from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, lock_output
 from handsoff.generator.sampling import latents_for_seeds
 
 PROGRESS_DIR = ".progress"
@@ -176,21 +176,34 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
     rank, world = _distributed()
     settings = dataclasses.asdict(config)
     settings_path = out / PROGRESS_DIR / "config.json"
+    # What produced the samples: the label generator's and the generator's weights. A run resumed (or a dataset
+    # "regenerated") with other networks would mix labels of two models in one dataset.
+    producer = fingerprint(model.ensemble.state_dict(), model.G.state_dict())
     if rank == 0:
+        lock = lock_output(out)  # noqa: F841 - held until this process ends
         if (out / "dataset.json").exists():
-            done = json.loads((out / "dataset.json").read_text()).get("source", {}).get("generation")
-            if done != settings:
+            source_done = json.loads((out / "dataset.json").read_text()).get("source", {})
+            if source_done.get("generation") != settings:
                 raise DatasetError(f"{out / 'dataset.json'}: a finished dataset with other settings is there; "
                                    "choose another --out")
+            if source_done.get("producer", producer) != producer:
+                raise DatasetError(f"{out / 'dataset.json'}: a finished dataset from another label generator or "
+                                   f"generator (fingerprint {source_done['producer']}, now {producer}); choose "
+                                   "another --out")
         elif settings_path.exists():
             saved = json.loads(settings_path.read_text())
+            saved_producer = saved.pop("producer", producer)
             if saved != settings:
                 changed = sorted(k for k in settings if saved.get(k) != settings[k])
                 raise DatasetError(f"{settings_path}: cannot resume with different settings ({', '.join(changed)})")
+            if saved_producer != producer:
+                raise DatasetError(f"{out}: this unfinished run was started with another label generator or "
+                                   f"generator (fingerprint {saved_producer}, now {producer}); resume with the "
+                                   f"same ones, or delete {out} to start fresh")
         elif out.exists() and any(out.iterdir()):
             raise DatasetError(f"{out}: exists and is not an unfinished generation run; choose an empty --out")
         else:
-            atomic_write_json(settings_path, settings)
+            atomic_write_json(settings_path, {**settings, "producer": producer})
     _barrier(world)
     if (out / "dataset.json").exists():
         return out if rank == 0 else None
@@ -232,7 +245,7 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
         first, n_batches = n_batches, min(limit, n_batches + math.ceil(extra / config.batch))
     if rank != 0:
         return None
-    return _finalize(model, out, config, entries, classes, source or {})
+    return _finalize(model, out, config, entries, classes, {**(source or {}), "producer": producer})
 
 
 def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], classes: list[str],
@@ -295,7 +308,7 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
         stats["class_image_share"] = dict(zip(classes, ((pixels >= PRESENCE_PIXELS).mean(0)).round(6).tolist()))
     kp = tasks.get("kp")
     lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
-                 "generator": model.generator_ref, "statistics": stats}
+                 "generator": model.generator_ref, "producer": source.get("producer"), "statistics": stats}
     return DatasetCard(classes=classes or None, colors=source.get("colors") if classes else None,
                        keypoint_names=kp.names if kp else None, skeleton=source.get("skeleton", []),
                        keypoint_flip_pairs=source.get("keypoint_flip_pairs", []),
