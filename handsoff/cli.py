@@ -224,8 +224,9 @@ def cmd_train_encoder(args) -> int:
 
 def cmd_invert(args) -> int:
     from handsoff.generator import load_networks
-    from handsoff.inversion import invert_folder, load_encoder
+    from handsoff.inversion import check_latents_path, invert_folder, load_encoder
 
+    check_latents_path(args.out)
     device = resolve_device(args.device)
     nets = load_networks(args.generator, device=device)
     encoder = load_encoder(args.encoder, device) if args.encoder else None

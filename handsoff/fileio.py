@@ -31,6 +31,30 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def _kind(config: dict) -> str:
+    """What a model folder's config.json describes: its "format", or its top-level model key."""
+    return config.get("format") or next((k for k in ("encoder", "probe") if k in config), "unknown")
+
+
+def check_model_folder(out_dir: str | os.PathLike, kind: str) -> None:
+    """Raise FileExistsError unless ``out_dir`` is new or already a model folder of ``kind`` (e.g.
+    "handsoff-label-generator"): a retrained model may replace its own kind, nothing else is ever overwritten
+    (a generator folder given as a label generator's output, say). Call it before any work."""
+    import json
+
+    existing = Path(out_dir) / "config.json"
+    if not existing.exists():
+        return
+    try:
+        old = json.loads(existing.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or _kind(old) != kind:
+        what = _kind(old) if isinstance(old, dict) else "not a handsoff model folder"
+        raise FileExistsError(f"{out_dir}: holds another kind of folder ({what}), not a {kind}; handsoff will not "
+                              "overwrite it, choose another output folder")
+
+
 def save_weights_folder(out_dir: str | os.PathLike, state_dict: dict, config: dict) -> Path:
     """A model folder: ``model.safetensors`` (the state dict, on CPU) and ``config.json``, each written atomically."""
     import json
@@ -38,6 +62,7 @@ def save_weights_folder(out_dir: str | os.PathLike, state_dict: dict, config: di
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    check_model_folder(out_dir, _kind(config))
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_save(out_dir / "model.safetensors", lambda tmp: save_file(state, tmp))
     atomic_save(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

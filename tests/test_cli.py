@@ -76,3 +76,19 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert option in err and fragment in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_outputs_never_land_on_files_handsoff_did_not_write(tmp_path, tiny_generator, capsys):
+    """fit --out at a generator folder and invert --out at a dataset card are refused before any work."""
+    gen_dir = save_networks(tmp_path / "gen", tiny_generator)
+    before = {p.name: p.read_bytes() for p in gen_dir.iterdir()}
+    assert main(["fit", "--generator", str(gen_dir), "--latents", str(tmp_path / "l.safetensors"), "--labels",
+                 str(tmp_path), "--out", str(gen_dir)]) == 1
+    assert "handsoff will not overwrite it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in gen_dir.iterdir()} == before
+    card = tmp_path / "data" / "dataset.json"
+    card.parent.mkdir()
+    card.write_text("{}")
+    assert main(["invert", "--generator", str(gen_dir), "--images", str(card.parent), "--out", str(card)]) == 1
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert card.read_text() == "{}"

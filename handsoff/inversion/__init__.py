@@ -111,6 +111,16 @@ def summarize(stages: dict) -> dict:
             for stage, figs in stages.items()}
 
 
+def check_latents_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if it names a latents file (.safetensors); its .json report and .png sheet go beside it,
+    so any other suffix could land them on a user's file (``--out data/dataset.json``)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the latents file must end in .safetensors (its report and sheet are "
+                         "written beside it with .json and .png)")
+    return out
+
+
 def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perceptual, encoder=None, *,
                   settings: dict | None = None, sheet_rows: int = 16, progress: bool = True, **options) -> dict:
     """Invert every image of a folder (or labeled dataset) and write the results beside ``out``.
@@ -125,6 +135,7 @@ def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perc
     from handsoff.fileio import atomic_write_json
     from handsoff.visualize import image_grid, save_image_atomic
 
+    out = check_latents_path(out)
     folder = ImageFolder(images_dir, G.img_resolution)
     images = folder.batch(range(len(folder)))
     t0 = time.perf_counter()

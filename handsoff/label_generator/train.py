@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handsoff.fileio import atomic_save
+from handsoff.fileio import atomic_save, check_model_folder
 from handsoff.label_generator.model import LabelGenerator
 from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
@@ -190,6 +190,8 @@ def fit_from_folder(G, latents: str | Path, labels: str | Path, out_dir: str | P
     Returns (model in eval mode, fit summary).
     """
     import time
+
+    check_model_folder(out_dir, "handsoff-label-generator")  # before any work: never into another model's folder
 
     from handsoff.data.layout import DatasetError, LabeledFolder, default_color
     from handsoff.inversion import load_latents
