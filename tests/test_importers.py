@@ -160,3 +160,22 @@ def test_depth_as_16bit_png_with_stated_scale(tmp_path):
     Image.fromarray(np.zeros((5, 8), np.uint16)).save(tmp_path / "d" / "depth" / "x.png")
     with pytest.raises(DatasetError, match=r"x\.png: depth is 8x5, image is 8x6"):
         folder.load("x")
+
+
+def test_the_writer_refuses_wide_class_ids_and_repeated_names(tmp_path):
+    """Never a silent change of a label: class 300 does not wrap to 44, a second sample of the same name does not
+    overwrite the first."""
+    import numpy as np
+
+    from handsoff.data.layout import DatasetCard, DatasetError, DatasetWriter
+
+    classes = [f"c{i}" for i in range(301)]
+    writer = DatasetWriter(tmp_path / "out", DatasetCard(classes=classes))
+    image = np.zeros((4, 4, 3), np.uint8)
+    wide = np.zeros((4, 4), np.int64)
+    wide[0, 0] = 300
+    with pytest.raises(DatasetError, match="ids 0..300; class ids must be integers in 0..255"):
+        writer.add("a", image, wide)
+    writer.add("a", image, np.zeros((4, 4), np.int64))
+    with pytest.raises(DatasetError, match="two samples named 'a'"):
+        writer.add("a", image, np.ones((4, 4), np.int64))

@@ -94,7 +94,7 @@ def import_handsoff_faces(src: str | os.PathLike, out: str | os.PathLike, mappin
         if bad.size:
             raise DatasetError(f"{masks[key]}: unknown class ids {bad.tolist()} "
                                f"(expected 0..{len(source.classes) - 1})")
-        writer.add(f"image_{key}", image, lut[mask.astype(np.int64)].astype(np.uint8))
+        writer.add(f"image_{key}", image, lut[mask.astype(np.int64)])  # the writer checks the id range
     writer.close()
     return {"images": len(images), "classes": target.classes}
 
@@ -128,7 +128,7 @@ def import_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, o
         if image.shape[:2] != (info["height"], info["width"]):
             raise DatasetError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, {annotations.name} says "
                                f"{info['width']}x{info['height']}")
-        mask = np.zeros(image.shape[:2], np.uint8)
+        mask = np.zeros(image.shape[:2], np.int64)  # wide ids reach the writer's range check, never wrap
         anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=info["id"], iscrowd=None)),
                       key=lambda a: (-float(a.get("area", 0)), a["id"]))
         for ann in anns:
@@ -177,6 +177,6 @@ def import_palette_masks(images_dir: str | os.PathLike, masks_dir: str | os.Path
                                f"not near any palette entry of {palette.name}")
         snapped += int((nearest > 0).sum())
         total += nearest.size
-        writer.add(path.stem, image, ids.astype(np.uint8))
+        writer.add(path.stem, image, ids)
     writer.close()
     return {"images": len(images), "classes": names, "snapped_pixels": snapped, "pixels": total}

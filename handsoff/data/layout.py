@@ -111,10 +111,23 @@ class DatasetWriter:
             raise FileExistsError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.coco_images, self.coco_annotations, self.factors = [], [], []
+        self.names: set[str] = set()
 
     def add(self, name: str, image: np.ndarray, mask: np.ndarray | None = None, depth: np.ndarray | None = None,
             keypoints: np.ndarray | None = None, factors: dict | None = None) -> None:
-        """image (H, W, 3) uint8; mask (H, W) uint8 ids; depth (H, W) float; keypoints (K, 3) [x, y, v]."""
+        """image (H, W, 3) uint8; mask (H, W) integer ids in 0..255; depth (H, W) float; keypoints (K, 3)
+        [x, y, v]. A repeated name or a class id that does not fit a mask PNG is an error, never a silent
+        overwrite or wrap-around."""
+        if name in self.names:
+            raise DatasetError(f"{self.root}: two samples named {name!r} (e.g. images of the same file stem in "
+                               "different folders); rename one")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.dtype.kind not in "iub" or (mask.size and (mask.min() < 0 or mask.max() > 255)):
+                bad = mask.dtype if mask.dtype.kind not in "iub" else f"ids {mask.min()}..{mask.max()}"
+                raise DatasetError(f"{self.root}: mask of {name!r} holds {bad}; class ids must be integers in "
+                                   "0..255 (merge classes with a mapping)")
+        self.names.add(name)
         h, w = image.shape[:2]
         atomic_save(self.root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
         if mask is not None:
