@@ -11,6 +11,7 @@ from checkpoint_writers import (
 )
 
 from handsoff import CheckpointError, load_discriminator, load_generator, load_networks, save_networks
+from handsoff.generator import Generator
 
 
 @pytest.fixture
@@ -39,6 +40,19 @@ def test_rosinality_and_nvidia_files_load_and_agree(tmp_path, tiny_generator, ti
         d_expected = tiny_discriminator(img)
         assert torch.allclose(ros.discriminator(img), d_expected, atol=1e-5)
         assert torch.allclose(nv.discriminator(img), d_expected, atol=1e-5)
+
+
+def test_reduced_precision_is_opt_in_on_cpu(tmp_path, tiny_generator, images_of):
+    """An NVIDIA pickle declaring num_fp16_res=4 loads in float32 on CPU and reproduces the float32 images;
+    bf16 is the caller's choice."""
+    half = Generator(**{**tiny_generator.config, "num_fp16_res": 4})
+    half.load_state_dict(tiny_generator.state_dict())
+    write_nvidia_pickle(tmp_path / "nv16.pkl", half)
+    G = load_networks(tmp_path / "nv16.pkl").generator
+    assert G.config["num_fp16_res"] == 0
+    assert (images_of(G) - images_of(tiny_generator)).abs().max() <= 1e-4
+    opted = load_networks(tmp_path / "nv16.pkl", num_fp16_res=4).generator
+    assert opted.config["num_fp16_res"] == 4
 
 
 def test_nvidia_pickle_source_is_never_executed(tmp_path, tiny_generator):
