@@ -95,15 +95,10 @@ def cmd_init_generator(args) -> int:
 
 
 def _summary(results: dict) -> str:
-    from handsoff.metrics.labels import metric_table
+    from handsoff.metrics.labels import results_table
     from handsoff.pipeline.run import comparison
 
-    methods = comparison(results["methods"])
-    text = metric_table(methods)
-    per_class = {name: m["iou"] for name, m in methods.items() if "iou" in m}
-    if per_class:
-        text += f"\n\nIoU per class\n{metric_table(per_class, columns=tuple(next(iter(per_class.values()))))}"
-    return text
+    return results_table(comparison(results["methods"]))
 
 
 def cmd_demo(args) -> int:
@@ -169,8 +164,10 @@ def cmd_benchmark(args) -> int:
                             validation=args.validation, test=args.test, oracle=args.oracle,
                             generated=args.generated, settings=settings, device=args.device,
                             progress=not args.quiet)
+    from handsoff.metrics.labels import results_table
+
     print(f"\n{results['seeds']} seed(s), mean ± std, {results['downstream_init']}\n"
-          + (Path(args.out) / "table.txt").read_text().split("\n", 1)[1])
+          f"{results_table(results['methods'])}")
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
     return 0
 

@@ -49,6 +49,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in ``dtype`` on ``device`` (see ``autocast_dtype``), or a no-op for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def one_cycle(step: int, total: int, warmup: float = 0.1) -> float:
     """Learning-rate factor at optimizer step ``step`` of ``total``: linear warm-up over the first ``warmup``
     share of the steps, then cosine decay to 0 at ``total``."""
@@ -119,7 +124,7 @@ def evaluate_model(model: DenseModel, dataset, depth_task: Depth | None = None, 
     heads = model.config["heads"]
     conf, kp_pred, kp_true, d_pred, d_true = None, [], [], [], []
     for batch in loader:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             out = model(batch["image"].to(device))
         out = {k: v.float().cpu() for k, v in out.items()}
         if "seg" in heads:
@@ -234,7 +239,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         with tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress) as bar:
             for batch in bar:
                 batch = to_device(batch, dev)
-                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with autocast(dev, dtype):
                     outputs = model(batch["image"])
                 losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, depth_task, sigma)
                 loss = sum(losses.values())

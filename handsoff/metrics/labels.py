@@ -112,3 +112,13 @@ def metric_table(rows: dict[str, dict], columns: tuple[str, ...] = HEADLINE) -> 
     lines = [" " * width + "".join(c.rjust(w) for c, w in zip(cols, col_w))]
     lines += [name.ljust(width) + "".join(v.rjust(w) for v, w in zip(cells[name], col_w)) for name in rows]
     return "\n".join(lines)
+
+
+def results_table(methods: dict[str, dict]) -> str:
+    """The headline table, then (where the methods have "iou") a table of IoU per class: what the CLI prints
+    and the benchmark writes. Cells as in ``metric_table`` (floats or {"mean", "std"})."""
+    text = metric_table(methods)
+    per_class = {name: m["iou"] for name, m in methods.items() if "iou" in m}
+    if per_class:
+        text += f"\n\nIoU per class\n{metric_table(per_class, columns=tuple(next(iter(per_class.values()))))}"
+    return text

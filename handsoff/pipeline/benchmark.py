@@ -18,7 +18,7 @@ import numpy as np
 
 from handsoff.domains import heads
 from handsoff.fileio import atomic_write_bytes, atomic_write_json
-from handsoff.metrics.labels import HEADLINE, metric_table
+from handsoff.metrics.labels import HEADLINE, results_table
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
 
@@ -124,10 +124,7 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     downstream = settings.get("downstream", {})
     init = ("ImageNet (local file)" if downstream.get("backbone_weights") else "random") + " init"
     table = (f"heads-64, mean ± std over {seeds} seed(s); every method: {downstream.get('architecture', 'unet')} on "
-             f"{downstream.get('backbone', 'resnet18')}, {init}, the same schedule\n{metric_table(summary)}")
-    per_class = {name: summary[name]["iou"] for name in order if "iou" in summary[name]}
-    if per_class:
-        table += f"\n\nIoU per class\n{metric_table(per_class, columns=tuple(next(iter(per_class.values()))))}"
+             f"{downstream.get('backbone', 'resnet18')}, {init}, the same schedule\n{results_table(summary)}")
     results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
                "settings": settings, "generator": HEADS_GENERATOR, "tasks": TASKS}
