@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
+from handsoff.errors import UsageError
 from handsoff.runtime import resolve_device
 
 PIPELINE = """\
@@ -128,7 +129,7 @@ def cmd_run(args) -> int:
         print(yaml.safe_dump(example.to_json(), sort_keys=False), end="")
         return 0
     if not args.config:
-        raise SystemExit("handsoff run: give a config file (see `handsoff run --print-defaults`)")
+        raise UsageError("handsoff run: give a config file (see `handsoff run --print-defaults`)")
     config = load_config(args.config)
     if args.device:
         config = config.model_copy(update={"device": args.device})
@@ -152,8 +153,6 @@ def cmd_report(args) -> int:
 def cmd_benchmark(args) -> int:
     from handsoff.pipeline.benchmark import run_benchmark
 
-    if args.domain != "heads":
-        raise SystemExit(f"handsoff benchmark: unknown domain {args.domain!r} (the embedded domain is heads)")
     settings = {"inversion": {"steps": args.inversion_steps},
                 "label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
                 "downstream": {"architecture": args.arch, "backbone": args.backbone, "epochs": args.epochs,
@@ -273,7 +272,7 @@ def _class_fractions(items: list[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise SystemExit(f"error: --min-class-fraction expects CLASS=FRACTION, got {item!r}")
+            raise UsageError(f"--min-class-fraction expects CLASS=FRACTION, got {item!r}")
     return out
 
 
@@ -363,12 +362,12 @@ def cmd_import_data(args) -> int:
         report = importers.import_handsoff_faces(args.source, args.out, mapping=args.mapping, overwrite=args.force)
     elif args.layout == "coco":
         if not args.images:
-            raise SystemExit("import-data coco: --images DIR is required")
+            raise UsageError("import-data coco: --images DIR is required")
         report = importers.import_coco(args.source, args.images, args.out, mapping=args.mapping,
                                        overwrite=args.force)
     else:
         if not (args.images and args.palette):
-            raise SystemExit("import-data palette: --images DIR and --palette JSON are required (SOURCE = masks)")
+            raise UsageError("import-data palette: --images DIR and --palette JSON are required (SOURCE = masks)")
         report = importers.import_palette_masks(args.images, args.source, args.palette, args.out,
                                                 overwrite=args.force)
     print(f"wrote {args.out}: {report}")
@@ -407,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
                                      "handful of labeled real images.", epilog=PIPELINE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also "
+                        "HANDSOFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="every stage on the embedded heads domain (about 15 minutes on 2 CPU cores)",
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, writes="out")
 
     p = sub.add_parser("run", help="every stage for your own domain, from one config file (YAML)",
                        description="Run inversion, label generator, generation, downstream training and evaluation "
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     from handsoff.pipeline.benchmark import DEMO  # the CPU sizes: the demo's, defined once
 
     ds = DEMO["downstream"]
-    p.add_argument("--domain", default="heads")
+    p.add_argument("--domain", default="heads", choices=["heads"], help="the embedded domain")
     p.add_argument("--labeled", default="16,50", help="labeled-set sizes, comma-separated")
     p.add_argument("--seeds", type=POSITIVE_INT, default=3)
     p.add_argument("--out", default="runs/benchmark-heads")
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_benchmark)
+    p.set_defaults(func=cmd_benchmark, writes="out")
 
     p = sub.add_parser("init-generator", help="save a randomly initialized StyleGAN2 (no download needed)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -482,13 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-max", type=POSITIVE_INT, default=SLIM_GENERATOR["channel_max"])
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=cmd_init_generator)
+    p.set_defaults(func=cmd_init_generator, writes="out")
 
     p = sub.add_parser("convert", help="convert a rosinality .pt or NVIDIA .pkl checkpoint to handsoff's format")
     p.add_argument("input", help="checkpoint file (.pt, .pkl) or handsoff folder")
     p.add_argument("output", help="output folder (config.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, writes="output")
 
     p = sub.add_parser("sample", help="save a grid of generated images")
     p.add_argument("--checkpoint", required=True, help="checkpoint path (any format) or shipped name")
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=POSITIVE_INT, default=T.tick_images, help="log every this many images")
     p.add_argument("--snapshot", type=POSITIVE_INT, default=T.snapshot_images,
                    help="export a network, a sample grid and the resumable state every this many images")
-    p.set_defaults(func=cmd_train_gan)
+    p.set_defaults(func=cmd_train_gan, writes="out")
 
     def perceptual_args(p):
         p.add_argument("--perceptual", choices=["discriminator", "lpips", "none"], default="discriminator",
@@ -554,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=POSITIVE_INT, default=32)
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     perceptual_args(p)
-    p.set_defaults(func=cmd_train_encoder)
+    p.set_defaults(func=cmd_train_encoder, writes="out")
 
     p = sub.add_parser("invert", help="invert images into W+ (encoder, then optimization)")
     p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
@@ -569,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=POSITIVE_INT, default=16, help="images optimized together")
     p.add_argument("--sheet-rows", type=POSITIVE_INT, default=16, help="images shown in the reconstruction sheet")
     perceptual_args(p)
-    p.set_defaults(func=cmd_invert)
+    p.set_defaults(func=cmd_invert, writes="out")
 
     p = sub.add_parser("fit", help="fit the label generator on inverted labeled images (seg, kp, depth)")
     p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
@@ -591,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keypoint-sigma", type=POSITIVE, default=1.5, help="heatmap sigma in label pixels")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=cmd_fit, writes="out")
 
     p = sub.add_parser("generate", help="generate a labeled dataset (resumable; parallel under torchrun)",
                        description="Generate a labeled dataset from a fitted label generator. Rerun the same "
@@ -638,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: one-cycle (warm-up, cosine decay) or constant (the paper's)")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (mixed precision on CUDA)")
-    p.set_defaults(func=cmd_train_downstream)
+    p.set_defaults(func=cmd_train_downstream, writes="out")
 
     p = sub.add_parser("evaluate", help="evaluate a downstream model on real labeled images")
     p.add_argument("--model", required=True, help="run folder from train-downstream")
@@ -655,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=POSITIVE_INT, default=64)
     p.add_argument("--batch", type=POSITIVE_INT, default=32)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    p.set_defaults(func=cmd_render_heads)
+    p.set_defaults(func=cmd_render_heads, writes="out")
 
     p = sub.add_parser("import-data", help="convert labeled data (HandsOff faces, COCO, colour masks) to the "
                        "standard layout")
@@ -667,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping", default=None, help="class mapping name or JSON (e.g. celebamask19_to_8, "
                    "carparts18_to_10)")
     p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_import_data)
+    p.set_defaults(func=cmd_import_data, writes="out")
 
     p = sub.add_parser("show", help="contact sheet of a labeled dataset: image | mask + keypoints | depth")
     p.add_argument("dataset")
@@ -680,23 +681,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_lock(args):
+    """The lock on the command's output (the option its parser names in ``writes``): a second process writing the
+    same output fails at once. ``generate`` and ``run`` lock inside (rank-aware; the output is in the config)."""
+    from contextlib import nullcontext
+
+    from handsoff.fileio import output_lock
+
+    target = getattr(args, args.writes) if getattr(args, "writes", None) else None
+    return output_lock(target) if target else nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (a HandsoffError, or a file the OS cannot find, create or read) prints one
+    line, ``error: ...``, and returns 1; ``--debug`` (or HANDSOFF_DEBUG=1) shows the traceback instead. Anything
+    else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from handsoff.data.layout import DatasetError
-    from handsoff.fileio import FolderLocked
-    from handsoff.generator import CheckpointError
-    from handsoff.generator.training import TrainingError
+    from handsoff.errors import HandsoffError, one_line
     from handsoff.runtime import tune_allocator
 
     tune_allocator()
-
+    user_errors = (HandsoffError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                   PermissionError)
     try:
-        return args.func(args)
-    except (CheckpointError, DatasetError, TrainingError, FileExistsError, FileNotFoundError, FolderLocked) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # bad settings (e.g. an out-of-range option); HANDSOFF_DEBUG=1 shows the traceback
-        if os.environ.get("HANDSOFF_DEBUG"):
+        with _output_lock(args):
+            return args.func(args)
+    except user_errors as e:
+        if args.debug or os.environ.get("HANDSOFF_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from handsoff.errors import DataError, FolderLocked, MissingInputError, OutputError
 
 
 def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -37,7 +40,7 @@ def _kind(config: dict) -> str:
 
 
 def check_model_folder(out_dir: str | os.PathLike, kind: str) -> None:
-    """Raise FileExistsError unless ``out_dir`` is new or already a model folder of ``kind`` (e.g.
+    """Raise OutputError (a FileExistsError) unless ``out_dir`` is new or already a model folder of ``kind`` (e.g.
     "handsoff-label-generator"): a retrained model may replace its own kind, nothing else is ever overwritten
     (a generator folder given as a label generator's output, say). Call it before any work."""
     import json
@@ -51,7 +54,7 @@ def check_model_folder(out_dir: str | os.PathLike, kind: str) -> None:
         old = None
     if not isinstance(old, dict) or _kind(old) != kind:
         what = _kind(old) if isinstance(old, dict) else "not a handsoff model folder"
-        raise FileExistsError(f"{out_dir}: holds another kind of folder ({what}), not a {kind}; handsoff will not "
+        raise OutputError(f"{out_dir}: holds another kind of folder ({what}), not a {kind}; handsoff will not "
                               "overwrite it, choose another output folder")
 
 
@@ -74,36 +77,62 @@ def read_weights_folder(path: str | os.PathLike, what: str) -> tuple[dict, dict]
     the error for a missing file (e.g. "an encoder folder (train one with `handsoff train-encoder`)")."""
     import json
 
+    import torch
     from safetensors.torch import load_file
 
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing; not {what}")
-    return json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
+            raise MissingInputError(f"{path / name}: missing; not {what}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / 'config.json'}: not valid JSON ({e}); not {what}") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path / 'config.json'}: expected a JSON object, got {type(config).__name__}; not {what}")
+    try:
+        state = load_file(path / "model.safetensors")
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise DataError(f"{path / 'model.safetensors'}: cannot read ({type(e).__name__}: {e}); the file is "
+                        "truncated or corrupt, write it again") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"{path / 'model.safetensors'}: weights {', '.join(bad[:3])} hold NaN or infinite values; "
+                        "the model is unusable, train it again")
+    return config, state
 
 
-class FolderLocked(RuntimeError):
-    """Another process is writing the same output folder."""
+_HELD: dict[Path, list] = {}  # lock file -> [open handle, nesting depth] of the locks this process holds
 
 
-def lock_output(folder: str | os.PathLike):
-    """Take an exclusive lock on writing ``folder`` (a hidden ``.NAME.lock`` file beside it) for the life of this
-    process, or raise FolderLocked at once if another process holds it. The kernel releases the lock when the
-    process ends, killed or not, so a crashed run never blocks the next one. Returns the open lock file (keep a
-    reference; closing it releases the lock)."""
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock on writing ``folder`` (a hidden ``.NAME.lock`` file beside it) for the ``with`` block,
+    or raise FolderLocked at once if another process holds it. Re-entrant within a process (a command and the
+    stage it runs may both take it). The kernel releases the lock when the process ends, killed or not, so a
+    crashed run never blocks the next one."""
     import fcntl
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(folder.with_name(f".{folder.name}.lock"), "a+")  # noqa: SIM115 - held until release
+    folder = Path(folder).resolve()
+    key = folder.with_name(f".{folder.name}.lock")
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(key, "a+")  # noqa: SIM115 - held until the block ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FolderLocked(f"{folder}: another handsoff process is writing this folder; wait for it to finish "
+                               "or choose another output") from None
+        _HELD[key] = [handle, 1]
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise FolderLocked(f"{folder}: another handsoff process is writing this folder; wait for it to finish "
-                           "or choose another output") from None
-    return handle
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _HELD.pop(key)[0].close()  # closing releases the lock
 
 
 def fingerprint(*state_dicts) -> str:

@@ -7,6 +7,8 @@ import ctypes.util
 import os
 import sys
 
+from handsoff.errors import HandsoffError, UsageError
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 2**31 - 1  # mallopt takes an int
@@ -31,10 +33,11 @@ def tune_allocator() -> bool:
         return False
 
 
-def resolve_device(name) -> "torch.device":
+def resolve_device(name):
     """A torch.device from a device option: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
 
-    Raises ValueError naming the option for a malformed name or a CUDA device this machine does not have."""
+    Raises UsageError (a ValueError) naming the option for a malformed name or a CUDA device this machine does
+    not have."""
     import torch
 
     if isinstance(name, torch.device):
@@ -44,18 +47,18 @@ def resolve_device(name) -> "torch.device":
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ValueError(f"--device {name}: handsoff runs on cpu or cuda")
+        raise UsageError(f"--device {name}: handsoff runs on cpu or cuda")
     return device
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(HandsoffError, ArithmeticError):
     """Training produced a NaN or infinite loss; raised before anything of that step is saved."""
 
 

@@ -18,3 +18,32 @@ def tiny_generator() -> Generator:
 def tiny_discriminator() -> Discriminator:
     torch.manual_seed(2)
     return randomize(Discriminator(resolution=64, channel_base=1024, channel_max=32), seed=3).eval()
+
+
+@pytest.fixture
+def lock_in_other_process():
+    """``hold(folder)`` takes handsoff's output lock on ``folder`` in a separate Python process (as a second writer
+    would) and returns once it is held; ``release()`` ends that process. Ended at teardown in any case."""
+    import subprocess
+    import sys
+
+    procs = []
+    script = ("import sys\nfrom handsoff.fileio import output_lock\nwith output_lock(sys.argv[1]):\n"
+              "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+    class Holder:
+        def hold(self, folder):
+            proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline().strip() == "held"
+
+        def release(self):
+            for proc in procs:
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            procs.clear()
+
+    holder = Holder()
+    yield holder
+    holder.release()

@@ -172,15 +172,13 @@ def test_downstream_dataset_reads_webdataset_output(tmp_path, label_generator):
     assert item["keypoints"].shape == (2, 3) and item["depth"].shape == (1, 32, 32)
 
 
-def test_a_second_writer_is_refused_at_once(tmp_path, label_generator, capsys):
-    from handsoff.fileio import lock_output
-
+def test_a_second_writer_is_refused_at_once(tmp_path, label_generator, capsys, lock_in_other_process):
     out = tmp_path / "busy"
-    held = lock_output(out)  # another writer holds the folder
+    lock_in_other_process.hold(out)  # another process is writing the folder
     assert main(_generate(label_generator, out, n=4)) == 1
     assert "another handsoff process is writing this folder" in capsys.readouterr().err
     assert not out.exists()
-    held.close()
+    lock_in_other_process.release()
     assert main(_generate(label_generator, out, n=4)) == 0  # released: the same command now works
 
 
@@ -204,8 +202,8 @@ def test_resume_or_rerun_with_another_label_generator_is_refused(tmp_path, label
         raise KeyboardInterrupt  # as if the run were killed after its batches, before the dataset is written
     unfinished = tmp_path / "unfinished"
     monkeypatch.setattr(generation, "_finalize", killed)
-    with pytest.raises(KeyboardInterrupt):
-        main(_generate(label_generator, unfinished, n=4))
+    assert main(_generate(label_generator, unfinished, n=4)) == 130  # Ctrl-C: exit status 130, no traceback
+    assert "run the same command again to resume" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(_generate(other_path, unfinished, n=4)) == 1
     err = capsys.readouterr().err

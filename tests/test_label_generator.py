@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from handsoff.errors import OutputError
+
 from handsoff.label_generator import (
     Depth,
     Keypoints,
@@ -91,8 +93,16 @@ def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_p
     torch.testing.assert_close(a["seg"][0]["label"], b["seg"][0]["label"])
     torch.testing.assert_close(a["depth"][1]["label"], b["depth"][1]["label"])
     assert a["kp"][0]["label"].shape == (1, 3) and a["seg"][0]["uncertainty"].shape == (32, 32)
-    summary = fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=250, progress=False)
+    settings = dict(images_per_step=3, pixels_per_image=512, lr=3e-3, progress=False)
+    summary = fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=250, **settings)
     assert summary["steps"] == 250
+    # Resuming on other labels or settings is refused before any work, naming what differs.
+    samples[0]["mask"] = np.roll(samples[0]["mask"], 1, axis=0)
+    with pytest.raises(OutputError, match=r"fit/state.pt: this unfinished fit was started with other labels;"):
+        fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=300, **settings)
+    with pytest.raises(OutputError, match="other labels, latents, lr, seed;"):
+        fit_label_generator(model, ws + 0.1, samples, tmp_path / "fit", max_steps=300, seed=1,
+                            **{**settings, "lr": 1e-3})
 
 
 def test_a_nan_label_stops_fitting_before_anything_is_saved(tiny_generator, tmp_path):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from handsoff.data.layout import DatasetError
+from handsoff.data.layout import DatasetError, read_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -16,7 +15,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class ImageFolder:
     """The images of a folder (its ``images/`` subfolder if it is a handsoff labeled dataset), read lazily.
 
-    Every image must be RGB and ``resolution`` x ``resolution``; anything else is an error naming the file.
+    Every image must be ``resolution`` x ``resolution`` and readable as 8-bit RGB
+    (``layout.to_rgb8``: grey, palette and 16-bit images convert exactly); anything else is an error naming the file.
     ``batch(indices)`` returns (B, 3, R, R) float32 in [-1, 1]; ``names`` are the file stems
     (relative paths without suffix for images in subfolders).
     """
@@ -38,13 +38,7 @@ class ImageFolder:
 
     def read(self, index: int) -> np.ndarray:
         path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                if im.mode != "RGB":
-                    raise DatasetError(f"{path}: expected an RGB image, got mode {im.mode}")
-                array = np.asarray(im)
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot read image ({err})") from err
+        array = read_image(path)
         if array.shape != (self.resolution, self.resolution, 3):
             raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, expected "
                                f"{self.resolution}x{self.resolution} (the generator's resolution; resize the data "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handsoff.errors import DataError, OutputError
 from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
 
 FORMAT_NAME = "handsoff-labeled"
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """Bad labeled data; the message names the file and what is wrong."""
 
 
@@ -70,6 +71,8 @@ class DatasetCard:
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> DatasetCard:
+        if not isinstance(data, dict):
+            raise DatasetError(f"{path}: expected a JSON object (the dataset card), got {type(data).__name__}")
         if data.get("format") != FORMAT_NAME:
             raise DatasetError(f"{path}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
         classes = data.get("classes")
@@ -108,7 +111,7 @@ class DatasetWriter:
     def __init__(self, root: str | os.PathLike, card: DatasetCard, overwrite: bool = False):
         self.root, self.card = Path(root), card
         if self.root.exists() and any(self.root.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
+            raise OutputError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.coco_images, self.coco_annotations, self.factors = [], [], []
         self.names: set[str] = set()
@@ -166,13 +169,46 @@ class DatasetWriter:
         return self.root
 
 
+def to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PIL image, converting only where the conversion is exact; anything else is a
+    DatasetError naming ``path``. 8-bit grey, palette and 1-bit images are expanded; 16-bit grey (PNG "I;16" or
+    "I") is rescaled by 255 / 65535 and rounded (a 16-bit file made from 8-bit data comes back bit-exact), where
+    PIL's own conversion would clip every value above 255 to white; RGBA / LA / PA are accepted when fully
+    opaque (alpha would otherwise be lost silently)."""
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if (alpha != 255).any():
+            raise DatasetError(f"{path}: image has transparent pixels ({mode} with alpha below 255); flatten it "
+                               "onto a background first")
+    if mode in ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"):
+        return np.asarray(im.convert("RGB"))
+    if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):
+        values = np.asarray(im, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DatasetError(f"{path}: {mode} image values {values.min():g}..{values.max():g} are not 16-bit")
+        grey = np.round(values * (255 / 65535)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    raise DatasetError(f"{path}: image mode {mode} (e.g. 32-bit integer or float pixels) has no exact 8-bit RGB "
+                       "form; convert it to 8- or 16-bit RGB / greyscale first")
+
+
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a clear error for files that are not images."""
+    """(H, W, 3) uint8 RGB (see ``to_rgb8`` for the modes accepted); a clear error for files that are not images."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return to_rgb8(im, path)
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{path}: cannot read image ({e})") from None
+
+
+def read_label_png(path: Path, what: str) -> np.ndarray:
+    """The pixel array of a label PNG (mask or 16-bit depth); a DatasetError naming the file if it is unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot read {what} ({e})") from None
 
 
 class LabeledFolder:
@@ -185,8 +221,8 @@ class LabeledFolder:
             raise DatasetError(f"{self.root}: no dataset.json; not a handsoff labeled dataset")
         try:
             self.card = DatasetCard.from_json(json.loads(card_path.read_text()), card_path)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DatasetError(f"{card_path}: invalid dataset card ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{card_path}: invalid dataset card ({type(e).__name__}: {e})") from None
         image_dir = self.root / "images"
         self.image_paths = {p.stem: p for p in sorted(image_dir.glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
         if not self.image_paths:
@@ -200,15 +236,26 @@ class LabeledFolder:
         path = self.root / "keypoints.json"
         if not path.is_file():
             raise DatasetError(f"{path}: missing, but dataset.json declares keypoints")
-        coco = json.loads(path.read_text())
         k = len(self.card.keypoint_names)
-        by_id = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
+        try:
+            coco = json.loads(path.read_text())
+            by_id = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
+            annotations = [(ann["id"], ann["image_id"], np.asarray(ann["keypoints"], np.float32))
+                           for ann in coco["annotations"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: not a COCO keypoints file ({type(e).__name__}: {e})") from None
         out = {}
-        for ann in coco["annotations"]:
-            kp = np.asarray(ann["keypoints"], np.float32)
+        for ann_id, image_id, kp in annotations:
             if kp.size != 3 * k:
-                raise DatasetError(f"{path}: annotation {ann['id']} has {kp.size // 3} keypoints, expected {k}")
-            out[by_id[ann["image_id"]]] = kp.reshape(k, 3)
+                raise DatasetError(f"{path}: annotation {ann_id} has {kp.size // 3} keypoints, expected {k}")
+            if not np.isfinite(kp).all():
+                raise DatasetError(f"{path}: annotation {ann_id} holds NaN or infinite keypoint values; every "
+                                   "x, y, v must be a finite number (an unlabeled keypoint is 0, 0, 0)")
+            if not np.isin(kp[2::3], (0, 1, 2)).all():
+                raise DatasetError(f"{path}: annotation {ann_id} has visibility flags other than 0, 1, 2")
+            if image_id not in by_id:
+                raise DatasetError(f"{path}: annotation {ann_id} refers to image id {image_id}, which is not listed")
+            out[by_id[image_id]] = kp.reshape(k, 3)
         return out
 
     def __len__(self) -> int:
@@ -223,9 +270,10 @@ class LabeledFolder:
             path = self.root / "masks" / f"{name}.png"
             if not path.is_file():
                 raise DatasetError(f"{path}: mask missing for image {self.image_paths[name].name}")
-            mask = np.asarray(Image.open(path))
-            if mask.ndim != 2:
-                raise DatasetError(f"{path}: mask must be single-channel class ids, got shape {mask.shape}")
+            mask = read_label_png(path, "mask")
+            if mask.ndim != 2 or mask.dtype.kind not in "iub":
+                raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
+                                   f"shape {mask.shape}")
             if mask.shape != (h, w):
                 raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {w}x{h}")
             if mask.max() >= len(self.card.classes):
@@ -233,14 +281,18 @@ class LabeledFolder:
                 raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(self.card.classes)} classes)")
             sample["mask"] = mask.astype(np.int64)
         if self.card.depth_format is not None:
-            if self.card.depth_format == "npy":
-                path = self.root / "depth" / f"{name}.npy"
-                depth = np.load(path) if path.is_file() else None
-            else:
-                path = self.root / "depth" / f"{name}.png"
-                depth = np.asarray(Image.open(path), np.float32) / self.card.depth_scale if path.is_file() else None
-            if depth is None:
+            path = self.root / "depth" / f"{name}.{'npy' if self.card.depth_format == 'npy' else 'png'}"
+            if not path.is_file():
                 raise DatasetError(f"{path}: depth missing for image {self.image_paths[name].name}")
+            if self.card.depth_format == "npy":
+                try:
+                    depth = np.load(path, allow_pickle=False)
+                except (ValueError, OSError) as e:
+                    raise DatasetError(f"{path}: cannot read depth ({e})") from None
+                if depth.dtype.kind not in "fiu":
+                    raise DatasetError(f"{path}: depth must be numbers, got {depth.dtype}")
+            else:
+                depth = read_label_png(path, "depth").astype(np.float32) / self.card.depth_scale
             if depth.shape != (h, w):
                 raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {w}x{h}")
             sample["depth"] = depth.astype(np.float32)

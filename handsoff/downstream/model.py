@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from handsoff.errors import UsageError
 from handsoff.generator.checkpoints import CheckpointError
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
@@ -65,7 +66,7 @@ def classification_network(name: str, dilated: bool = False) -> nn.Module:
     """The torchvision classification network behind a backbone (random init); ``dilated``: DeepLabV3's output
     stride (8 for ResNets, 16 for MobileNetV3)."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+        raise UsageError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     if name == "mobilenet_v3_large":
         return torchvision.models.mobilenet_v3_large(weights=None, dilated=dilated)
     if name == "resnet18":
@@ -170,7 +171,7 @@ class DenseModel(nn.Module):
                  architecture: str = "unet"):
         super().__init__()
         if architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+            raise UsageError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
         self.config = {"architecture": architecture, "backbone": backbone, "heads": dict(heads),
                        "backbone_init": "imagenet (local file)" if backbone_weights else "random"}
         if architecture == "unet":

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from handsoff.data.dataset import LabeledImageDataset
 from handsoff.downstream.model import DenseModel
+from handsoff.errors import MissingInputError, UsageError
 from handsoff.fileio import atomic_save
-from handsoff.runtime import require_finite, resolve_device
 from handsoff.label_generator.tasks import Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
+from handsoff.runtime import require_finite, resolve_device
 
 KEYPOINT_LOSS_WEIGHT = 100.0  # heatmap MSE is tiny next to cross-entropy; this brings it to a similar scale
 TASK_KEYS = {"seg": "mask", "kp": "keypoints", "depth": "depth"}
@@ -181,7 +182,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     ``architecture``: "unet" (full-resolution decoder) or "deeplabv3"; ``schedule``: "onecycle" or "constant"
     learning rate; ``device``: "auto", "cpu", "cuda", "cuda:N"."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +281,7 @@ def load_downstream(path: str | os.PathLike, device: str = "cpu") -> tuple[Dense
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no trained downstream model (run `handsoff train-downstream`)")
+        raise MissingInputError(f"{file}: no trained downstream model (run `handsoff train-downstream`)")
     saved = torch.load(file, map_location="cpu", weights_only=True)
     config = saved["config"]
     model = DenseModel(config["backbone"], config["heads"], architecture=config.get("architecture", "deeplabv3"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from handsoff.data.layout import DatasetCard, DatasetError
 from handsoff.data.webdataset import write_webdataset
-from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, lock_output
+from handsoff.errors import UsageError
+from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
 
 PROGRESS_DIR = ".progress"
@@ -48,16 +50,16 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+            raise UsageError(f"n must be at least 1, got {self.n}")
         if not 0 <= self.filter_top < 1:
-            raise ValueError(f"filter_top must be in [0, 1), got {self.filter_top}")
+            raise UsageError(f"filter_top must be in [0, 1), got {self.filter_top}")
         if self.fmt not in ("folder", "webdataset"):
-            raise ValueError(f"format must be 'folder' or 'webdataset', got {self.fmt!r}")
+            raise UsageError(f"format must be 'folder' or 'webdataset', got {self.fmt!r}")
         for name, f in self.min_class_fraction.items():
             if not 0 < f <= 1:
-                raise ValueError(f"min class fraction for {name!r} must be in (0, 1], got {f}")
+                raise UsageError(f"min class fraction for {name!r} must be in (0, 1], got {f}")
         if len(self.min_class_fraction) > 1:
-            raise ValueError("one --min-class-fraction class per run is supported")
+            raise UsageError("one --min-class-fraction class per run is supported")
 
 
 # Class quotas draw at most this many candidates per requested sample before giving up with an error.
@@ -164,23 +166,44 @@ def filter_scores(entries: list[dict], filter_by: str) -> np.ndarray:
     """The filter score of each entry: a task's rank percentile, or the mean of all tasks' ('combined')."""
     tasks = list(entries[0]["scores"])
     if filter_by != "combined" and filter_by not in tasks:
-        raise ValueError(f"cannot filter by {filter_by!r}: the label generator's tasks are {tasks}")
+        raise UsageError(f"cannot filter by {filter_by!r}: the label generator's tasks are {tasks}")
     use = tasks if filter_by == "combined" else [filter_by]
     return np.mean([_percentiles(np.array([e["scores"][t] for e in entries])) for t in use], axis=0)
 
 
+def check_config(config: GenerationConfig, task_names: list[str], classes: list[str]) -> None:
+    """Raise UsageError for settings this label generator cannot serve (an unknown --filter-by task or quota class),
+    before anything is written."""
+    if config.filter_by != "combined" and config.filter_by not in task_names:
+        raise UsageError(f"--filter-by {config.filter_by}: not a task of the label generator (its tasks: "
+                         f"{', '.join(task_names)}, or combined)")
+    for name in config.min_class_fraction:
+        if name not in classes:
+            raise UsageError(f"--min-class-fraction: {name!r} is not a class of the label generator "
+                             f"({', '.join(classes) or 'no segmentation task'})")
+
+
 def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
                      source: dict | None = None) -> Path | None:
-    """Generate (or resume) a dataset into ``out``; returns its path on the rank that finalized it."""
+    """Generate (or resume) a dataset into ``out``; returns its path on the rank that finalized it.
+
+    Rank 0 holds the lock on ``out`` for the whole run (the other ranks of a torchrun job write into it too)."""
+    seg = next((t for t in model.tasks if t.name == "seg"), None)
+    check_config(config, [t.name for t in model.tasks], seg.classes if seg is not None else [])
     out = Path(out)
     rank, world = _distributed()
+    with output_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _generate(model, out, config, rank, world, progress, source)
+
+
+def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int, progress: bool,
+              source: dict | None) -> Path | None:
     settings = dataclasses.asdict(config)
     settings_path = out / PROGRESS_DIR / "config.json"
     # What produced the samples: the label generator's and the generator's weights. A run resumed (or a dataset
     # "regenerated") with other networks would mix labels of two models in one dataset.
     producer = fingerprint(model.ensemble.state_dict(), model.G.state_dict())
     if rank == 0:
-        lock = lock_output(out)  # noqa: F841 - held until this process ends
         if (out / "dataset.json").exists():
             source_done = json.loads((out / "dataset.json").read_text()).get("source", {})
             if source_done.get("generation") != settings:
@@ -210,10 +233,6 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
 
     seg = next((t for t in model.tasks if t.name == "seg"), None)
     classes = seg.classes if seg is not None else []
-    for name in config.min_class_fraction:
-        if name not in classes:
-            raise ValueError(f"--min-class-fraction: {name!r} is not a class of the label generator "
-                             f"({', '.join(classes) or 'no segmentation task'})")
     n_batches = math.ceil(config.n / config.batch)
     first = 0
     while True:  # rounds: one without quotas; more while a class quota is not yet full
@@ -236,7 +255,7 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
         found = int(sum(e["class_pixels"][cls] >= PRESENCE_PIXELS for e in entries))
         limit = math.ceil(MAX_CANDIDATES_PER_SAMPLE * config.n / config.batch)
         if n_batches >= limit:
-            raise ValueError(f"--min-class-fraction {name}={fraction:g}: {found} of {len(entries)} candidates "
+            raise UsageError(f"--min-class-fraction {name}={fraction:g}: {found} of {len(entries)} candidates "
                              f"contain {name!r} ({found / len(entries):.3f}), {math.ceil(fraction * config.n)} "
                              f"of {config.n} are needed; gave up after {MAX_CANDIDATES_PER_SAMPLE} candidates per "
                              f"sample. Lower the fraction (delete {out} to start again)")

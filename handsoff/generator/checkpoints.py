@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from handsoff.errors import DataError, OutputError
 from handsoff.generator import ops
 from handsoff.generator.networks import Discriminator, Generator
 
@@ -41,7 +42,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
 RUNTIME_KEYS = ("num_fp16_res", "conv_clamp")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint that cannot be read; the message names the file and what is wrong."""
 
 
@@ -126,7 +127,7 @@ def save_networks(out_dir: str | os.PathLike, generator: Generator, discriminato
     """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` atomically (temporary dir, then rename)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --force to replace it)")
+        raise OutputError(f"{out_dir}: already exists (pass overwrite=True / --force to replace it)")
     tensors = {f"G.{k}": v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     if discriminator is not None:
         tensors.update({f"D.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()})

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from handsoff.data.images import ImageFolder
+from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save
 from handsoff.generator.augment import AdaptiveAugmentation, augment
 from handsoff.generator.checkpoints import save_networks
@@ -53,7 +54,7 @@ RESUMABLE_CHANGES = {"data", "out", "total_images", "tick_images", "snapshot_ima
                      "batch_per_round", "precision", "num_fp16_res"}
 
 
-class TrainingError(ValueError):
+class TrainingError(UsageError):
     """A run that cannot start or resume as asked; the message names the file and what is wrong."""
 
 
@@ -112,14 +113,14 @@ class TrainingConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if self.augment not in ("ada", "fixed", "none"):
-            raise ValueError(f"augment must be 'ada', 'fixed' or 'none', got {self.augment!r}")
+            raise TrainingError(f"augment must be 'ada', 'fixed' or 'none', got {self.augment!r}")
         if self.precision not in ("mixed", "fp32"):
-            raise ValueError(f"precision must be 'mixed' or 'fp32', got {self.precision!r}")
+            raise TrainingError(f"precision must be 'mixed' or 'fp32', got {self.precision!r}")
         per_round = self.batch_per_round or self.batch
         if self.batch % per_round:
-            raise ValueError(f"batch {self.batch} is not a multiple of batch_per_round {per_round}")
+            raise TrainingError(f"batch {self.batch} is not a multiple of batch_per_round {per_round}")
         if per_round % 4 and per_round > 4:
-            raise ValueError(f"batch_per_round {per_round} must be a multiple of 4 (the minibatch-std group)")
+            raise TrainingError(f"batch_per_round {per_round} must be a multiple of 4 (the minibatch-std group)")
 
     @property
     def gamma(self) -> float:

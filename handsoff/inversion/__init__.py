@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from handsoff.data.layout import DatasetError
+from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save
 from handsoff.inversion.encoder import ReStyleEncoder, encode, load_encoder, save_encoder, train_encoder
 from handsoff.inversion.optimize import reconstruction_losses, refine_latents
@@ -92,7 +93,7 @@ def load_latents(path: str | os.PathLike) -> tuple[list[str], torch.Tensor, dict
     """(names sorted, ws (N, n_latent, w_dim), metadata) from a file written by ``save_latents``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: latents file not found (make one with `handsoff invert`)")
+        raise MissingInputError(f"{path}: latents file not found (make one with `handsoff invert`)")
     try:
         with safe_open(path, framework="pt") as f:
             names = sorted(f.keys())
@@ -102,6 +103,9 @@ def load_latents(path: str | os.PathLike) -> tuple[list[str], torch.Tensor, dict
         raise DatasetError(f"{path}: not a latents file ({e})") from None
     if ws.ndim != 3:
         raise DatasetError(f"{path}: latents must be (n_latent, w_dim) per image, got {tuple(ws.shape[1:])}")
+    if not bool(torch.isfinite(ws).all()):
+        bad = [n for n, w in zip(names, ws) if not bool(torch.isfinite(w).all())]
+        raise DatasetError(f"{path}: latents of {', '.join(bad[:5])} hold NaN or infinite values; invert again")
     return names, ws, meta
 
 
@@ -116,8 +120,22 @@ def check_latents_path(out: str | os.PathLike) -> Path:
     so any other suffix could land them on a user's file (``--out data/dataset.json``)."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: the latents file must end in .safetensors (its report and sheet are "
+        raise UsageError(f"--out {out}: the latents file must end in .safetensors (its report and sheet are "
                          "written beside it with .json and .png)")
+    if out.exists():
+        try:
+            with safe_open(out, framework="pt") as f:
+                ours = "handsoff" in (f.metadata() or {})
+        except Exception:  # noqa: BLE001 - unreadable: certainly not a latents file handsoff wrote
+            ours = False
+        if not ours:
+            raise OutputError(f"--out {out}: exists and is not a latents file written by handsoff; handsoff will "
+                              "not overwrite it, choose another name")
+    else:
+        strays = [p for p in (out.with_suffix(".json"), out.with_suffix(".png")) if p.exists()]
+        if strays:  # handsoff writes them after the latents: without the latents they are someone else's
+            raise OutputError(f"--out {out}: {strays[0]} exists and was not written by handsoff; choose another "
+                              "name")
     return out
 
 

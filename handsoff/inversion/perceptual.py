@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from handsoff.errors import UsageError
 from handsoff.generator.checkpoints import CheckpointError
 
 
@@ -176,4 +177,4 @@ def build_perceptual(kind: str, discriminator: nn.Module | None = None, lpips_vg
             raise CheckpointError("LPIPS needs --lpips-vgg (torchvision vgg16 state dict) and --lpips-lin "
                                   "(linear heads)")
         return LPIPS(lpips_vgg, lpips_lin)
-    raise ValueError(f"unknown perceptual distance {kind!r}; choose 'discriminator' or 'lpips'")
+    raise UsageError(f"unknown perceptual distance {kind!r}; choose 'discriminator' or 'lpips'")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from handsoff.errors import DataError, MissingInputError
 from handsoff.fileio import read_weights_folder, save_weights_folder
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
 from handsoff.label_generator.tasks import task_from_config
@@ -201,10 +202,10 @@ def load_label_generator(path: str | os.PathLike, generator=None, device: str | 
     config, state = read_weights_folder(path, "a label generator folder (make one with `handsoff fit`)")
     if generator is None:
         if not config.get("generator"):
-            raise FileNotFoundError(f"{path / 'config.json'}: records no generator; pass one explicitly")
+            raise MissingInputError(f"{path / 'config.json'}: records no generator; pass one explicitly")
         generator = load_generator(config["generator"], device=device)
     if generator.config != config["generator_config"]:
-        raise ValueError(f"{path / 'config.json'}: fitted on a generator with config {config['generator_config']}, "
+        raise DataError(f"{path / 'config.json'}: fitted on a generator with config {config['generator_config']}, "
                          f"got {generator.config}")
     tasks = [task_from_config(t) for t in config["tasks"]]
     model = LabelGenerator(generator, tasks, config["label_size"], config["members"], config["hidden"],

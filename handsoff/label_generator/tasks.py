@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handsoff.errors import DataError, UsageError
+
 TOP_FRACTION = 0.1  # image uncertainty score = mean of its most uncertain 10% of pixels (HandsOff)
 
 
@@ -68,7 +70,7 @@ class Segmentation:
     def prepare(self, sample: dict, size: int) -> torch.Tensor:
         mask = sample["mask"]
         if mask.shape != (size, size):
-            raise ValueError(f"{sample['name']}: mask is {mask.shape[1]}x{mask.shape[0]}, labels must be "
+            raise DataError(f"{sample['name']}: mask is {mask.shape[1]}x{mask.shape[0]}, labels must be "
                              f"{size}x{size}")
         return torch.from_numpy(self.clean_mask(mask).astype(np.int64)).reshape(-1)
 
@@ -116,7 +118,7 @@ class Keypoints:
     def prepare(self, sample: dict, size: int) -> torch.Tensor:
         kp = torch.from_numpy(np.asarray(sample["keypoints"], np.float32))
         if kp.shape != (self.out_channels, 3):
-            raise ValueError(f"{sample['name']}: {kp.shape[0]} keypoints, expected {self.out_channels}")
+            raise DataError(f"{sample['name']}: {kp.shape[0]} keypoints, expected {self.out_channels}")
         scale = size / sample["image"].shape[0]
         return torch.cat([kp[:, :2] * scale, kp[:, 2:]], 1)   # in label pixels
 
@@ -204,7 +206,7 @@ class Depth:
     def fit_normalization(self, depths: list[np.ndarray]) -> None:
         logs = np.concatenate([np.log(d[np.isfinite(d) & (d > 0)]) for d in depths])
         if logs.size == 0:
-            raise ValueError("no valid (finite, positive) depth values in the training labels")
+            raise DataError("no valid (finite, positive) depth values in the training labels")
         self.log_mean, self.log_std = float(logs.mean()), float(max(logs.std(), 1e-6))
 
     def forward_transform(self, depth: torch.Tensor) -> torch.Tensor:
@@ -216,7 +218,7 @@ class Depth:
     def prepare(self, sample: dict, size: int) -> torch.Tensor:
         depth = torch.from_numpy(np.asarray(sample["depth"], np.float32))
         if depth.shape != (size, size):
-            raise ValueError(f"{sample['name']}: depth is {depth.shape[1]}x{depth.shape[0]}, labels must be "
+            raise DataError(f"{sample['name']}: depth is {depth.shape[1]}x{depth.shape[0]}, labels must be "
                              f"{size}x{size}")
         valid = torch.isfinite(depth) & (depth > 0)
         t = torch.where(valid, self.forward_transform(torch.where(valid, depth, torch.ones_like(depth))),
@@ -256,9 +258,9 @@ def parse_task_names(text: str) -> list[str]:
     names = []
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
         if part not in ALIASES:
-            raise ValueError(f"unknown task {part!r}; choose from seg, kp, depth")
+            raise UsageError(f"unknown task {part!r}; choose from seg, kp, depth")
         if ALIASES[part] not in names:
             names.append(ALIASES[part])
     if not names:
-        raise ValueError("no task given; choose from seg, kp, depth")
+        raise UsageError("no task given; choose from seg, kp, depth")
     return names

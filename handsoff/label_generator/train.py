@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handsoff.fileio import atomic_save, check_model_folder
+from handsoff.errors import OutputError, UsageError
+from handsoff.fileio import atomic_save, check_model_folder, fingerprint
 from handsoff.label_generator.model import LabelGenerator
 from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
 
 STATE_FILE = "state.pt"
+FITTED = ("visibility_threshold", "log_mean", "log_std")  # task settings a fit computes, not inputs to it
 
 
 def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, keypoint_sigma: float = 1.5
@@ -35,15 +37,15 @@ def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, 
     for name in names:
         if name == "seg":
             if card.classes is None:
-                raise ValueError("task seg: the labeled dataset has no masks (dataset.json lists no classes)")
+                raise UsageError("task seg: the labeled dataset has no masks (dataset.json lists no classes)")
             tasks.append(Segmentation(card.classes, min_class_pixels))
         elif name == "kp":
             if card.keypoint_names is None:
-                raise ValueError("task kp: the labeled dataset has no keypoints")
+                raise UsageError("task kp: the labeled dataset has no keypoints")
             tasks.append(Keypoints(card.keypoint_names, sigma=keypoint_sigma))
         elif name == "depth":
             if card.depth_format is None:
-                raise ValueError("task depth: the labeled dataset has no depth maps")
+                raise UsageError("task depth: the labeled dataset has no depth maps")
             tasks.append(Depth())
     return tasks
 
@@ -91,6 +93,27 @@ def training_loss(model: LabelGenerator, data: PixelData, indices: list[int], pi
     return total, parts
 
 
+def run_identity(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], **settings) -> dict:
+    """What a fit depends on: the model's shape and tasks, the settings that shape its steps, and fingerprints of
+    the latents, the labels and the generator. A resumed fit must match it (``max_steps``, ``min_steps`` and
+    ``patience`` may change: they only say when to stop)."""
+    labels = {f"{i}/{key}": torch.as_tensor(np.ascontiguousarray(value))
+              for i, sample in enumerate(samples) for key, value in sample.items() if key != "name"}
+    config = {k: v for k, v in model.config().items() if k != "generator"}  # the path may be spelled differently
+    config["tasks"] = [{k: v for k, v in task.items() if k not in FITTED} for task in config["tasks"]]
+    return {**json.loads(json.dumps(config)), **settings, "latents": fingerprint({"ws": ws}),
+            "labels": fingerprint(labels), "generator": fingerprint(model.G.state_dict())}
+
+
+def check_resume(state_path: Path, saved: dict, identity: dict) -> None:
+    """Raise OutputError when the unfinished fit in ``state_path`` was started on other inputs or settings."""
+    changed = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
+    if changed:
+        raise OutputError(f"{state_path}: this unfinished fit was started with other {', '.join(changed)}; rerun "
+                          f"with the same inputs and settings to resume, or delete {state_path.parent} (or choose "
+                          "another --out) to start fresh")
+
+
 def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], out_dir: str | Path, *,
                         max_steps: int = 3000, min_steps: int = 300, patience: int = 200,
                         images_per_step: int = 4, pixels_per_image: int = 1024, lr: float = 1e-3, seed: int = 0,
@@ -102,6 +125,13 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    # Before any work (the features below take a while): the inputs a resumed fit must share with its start.
+    identity = run_identity(model, ws, samples, seed=seed, images_per_step=images_per_step,
+                            pixels_per_image=pixels_per_image, lr=lr)
+    state_path = out_dir / STATE_FILE
+    state = torch.load(state_path, weights_only=True) if state_path.exists() else None
+    if state is not None and "identity" in state:  # states from before identities were recorded resume unchecked
+        check_resume(state_path, json.loads(state["identity"]), identity)
     data = PixelData(model, ws, samples, cache_gb)
     size, n = model.label_size, len(samples)
     pixels_per_image = min(pixels_per_image, size * size)
@@ -109,9 +139,7 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     gen = torch.Generator().manual_seed(seed)
     step, best, since_best, smoothed = 0, math.inf, 0, None
     log: list[dict] = []
-    state_path = out_dir / STATE_FILE
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+    if state is not None:
         model.ensemble.load_state_dict(state["ensemble"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -149,7 +177,7 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
             stop = step >= min_steps and since_best >= patience
             if step % checkpoint_every == 0 or stop or step >= max_steps:
                 state = {"ensemble": model.ensemble.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                         "step": step, "best": best, "since_best": since_best, "smoothed": smoothed}
+                         "identity": json.dumps(identity), "step": step, "best": best, "since_best": since_best, "smoothed": smoothed}
                 atomic_save(out_dir / "log.jsonl",
                             lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in log)))
                 atomic_save(state_path, lambda tmp: torch.save(state, tmp))

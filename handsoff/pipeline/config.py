@@ -22,9 +22,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from handsoff.data.layout import DatasetError
+from handsoff.errors import MissingInputError
 
 TaskName = Literal["seg", "kp", "depth"]
 
@@ -70,7 +71,7 @@ class GenerationSettings(Section):
     n: int = Field(10000, ge=1)
     truncation: float = Field(0.7, gt=0)
     filter_top: float = Field(0.1, ge=0, lt=1)
-    filter_by: str = "combined"
+    filter_by: Literal["combined", "seg", "kp", "depth"] = "combined"
     batch: int = Field(16, ge=1)
     format: Literal["folder", "webdataset"] = "folder"
 
@@ -105,7 +106,7 @@ class PipelineConfig(Section):
     test: Path | None = None
     oracle: Path | None = None
     tasks: list[TaskName] = Field(default_factory=lambda: ["seg"], min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     transfer: bool = True
     curve: list[int] = Field(default_factory=list)
@@ -127,6 +128,13 @@ class PipelineConfig(Section):
         if any(n < 1 for n in sizes):
             raise ValueError(f"curve sizes must be positive, got {sizes}")
         return sorted(set(sizes))
+
+    @model_validator(mode="after")
+    def _filter_by_a_task(self) -> PipelineConfig:
+        if self.generation.filter_by not in ("combined", *self.tasks):
+            raise ValueError(f"generation.filter_by {self.generation.filter_by!r} is not one of the run's tasks "
+                             f"({', '.join(self.tasks)}) or combined")
+        return self
 
     def to_json(self) -> dict:
         return json.loads(self.model_dump_json())
@@ -153,7 +161,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
+        raise MissingInputError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from handsoff.data.layout import DatasetError, LabeledFolder
-from handsoff.fileio import atomic_write_json
+from handsoff.errors import MissingInputError, OutputError
+from handsoff.fileio import atomic_write_json, output_lock
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.runtime import resolve_device
 
 METHODS = ("handsoff", "transfer", "oracle")
+# What a run writes into config.out (see the layout above); other files there are left alone.
+RUN_OUTPUTS = ("inversion", "label_generator", "dataset", "downstream", "curve", "results.json", "report.html")
 
 
 def comparison(methods: dict[str, dict]) -> dict[str, dict]:
@@ -67,7 +70,13 @@ def _subset(dataset: Path, out: Path, n: int) -> Path:
 
 
 def check_inputs(config: PipelineConfig) -> None:
-    """Fail before any work when a dataset is missing or lacks a label the tasks need."""
+    """Fail before any work when a dataset or weights file is missing, or a dataset lacks a label the tasks need."""
+    files = {"inversion.encoder": config.inversion.encoder, "inversion.lpips_vgg": config.inversion.lpips_vgg,
+             "inversion.lpips_lin": config.inversion.lpips_lin,
+             "downstream.backbone_weights": config.downstream.backbone_weights}
+    for key, path in files.items():
+        if path is not None and not Path(path).exists():
+            raise MissingInputError(f"{path}: not found (config {key})")
     needs = {"seg": "classes", "kp": "keypoint_names", "depth": "depth_format"}
     for role in ("labeled", "validation", "test", "oracle"):
         path = getattr(config, role)
@@ -83,20 +92,39 @@ def check_inputs(config: PipelineConfig) -> None:
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) every stage; returns the results written to ``config.out/results.json``."""
-    from handsoff.downstream import evaluate_run, train_downstream
-    from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
+    """Run (or resume) every stage; returns the results written to ``config.out/results.json``.
+
+    Everything that can be checked is checked before anything is written (datasets and their labels, weights
+    files, the device, the generator); the run holds the lock on ``config.out`` while it works."""
     from handsoff.generator import load_networks
-    from handsoff.inversion import build_perceptual, invert_folder, load_encoder
-    from handsoff.label_generator import fit_from_folder, load_label_generator
 
     out = Path(config.out)
     check_inputs(config)
     device = resolve_device(config.device)
+    nets = load_networks(config.generator, device=device)  # a bad generator fails before anything is written
+    with output_lock(out):
+        return _run_stages(config, nets, device, progress, log)
+
+
+def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bool, log) -> dict:
+    from handsoff.downstream import evaluate_run, train_downstream
+    from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
+    from handsoff.inversion import build_perceptual, invert_folder, load_encoder
+    from handsoff.label_generator import fit_from_folder, load_label_generator
+
+    out = Path(config.out)
     saved = out / "config.json"
     # The device is where the run executes, not what it computes: a run may resume on another device.
-    if saved.exists() and {**json.loads(saved.read_text()), "device": config.device} != config.to_json():
-        raise DatasetError(f"{saved}: this folder holds a run with other settings; choose another out")
+    if saved.exists():
+        before = {**json.loads(saved.read_text()), "device": config.device}
+        if before != config.to_json():
+            changed = sorted(k for k in before.keys() | config.to_json().keys()
+                             if before.get(k) != config.to_json().get(k))
+            raise OutputError(f"{saved}: this folder holds a run with other settings ({', '.join(changed)}); "
+                              "choose another out, or delete the folder to start fresh")
+    elif clash := [name for name in RUN_OUTPUTS if (out / name).exists()]:
+        raise OutputError(f"{out}: holds {', '.join(clash)} but no handsoff run (no config.json); handsoff will "
+                          "not overwrite them, choose another out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, config.to_json())
     results_path = out / "results.json"
@@ -113,7 +141,6 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] {timings[name]:.0f} s")
 
-    nets = load_networks(config.generator, device=device)
     G = nets.generator
     latents = out / "inversion" / "latents.safetensors"
     inv = config.inversion
