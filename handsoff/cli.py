@@ -159,7 +159,7 @@ def cmd_benchmark(args) -> int:
                                "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
                                **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
-    results = run_benchmark(args.out, labeled=[int(n) for n in args.labeled.split(",")], seeds=args.seeds,
+    results = run_benchmark(args.out, labeled=args.labeled, seeds=args.seeds,
                             validation=args.validation, test=args.test, oracle=args.oracle,
                             generated=args.generated, settings=settings, device=args.device,
                             progress=not args.quiet)
@@ -394,6 +394,17 @@ def _number(kind, minimum=None, maximum=None, low_open=False, high_open=False):
     return parse
 
 
+def _int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers ("16,50")."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text}")
+    return values
+
+
 POSITIVE_INT = _number(int, 1)
 NONNEGATIVE_INT = _number(int, 0)
 POSITIVE = _number(float, 0, low_open=True)
@@ -413,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="every stage on the embedded heads domain (about 15 minutes on 2 CPU cores)",
                        description="Render labeled, validation, test and oracle heads; invert 16 labeled heads into "
                        "the shipped generator; fit the label generator; generate a dataset; train the downstream "
-                       "network on it, on the 16 labeled heads alone (Transfer) and on 5,000 real heads (Oracle); "
+                       "network on it, on the 16 labeled heads alone (Transfer) and on 2,000 real heads (Oracle); "
                        "evaluate all three on real test heads; write results.json and report.html. Rerun to "
                        "resume.")
     p.add_argument("--out", default="handsoff-demo", help="output folder")
@@ -447,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = DEMO["downstream"]
     p.add_argument("--domain", default="heads", choices=["heads"], help="the embedded domain")
-    p.add_argument("--labeled", default="16,50", help="labeled-set sizes, comma-separated")
+    p.add_argument("--labeled", type=_int_list, default=[16, 50], help="labeled-set sizes, comma-separated")
     p.add_argument("--seeds", type=POSITIVE_INT, default=3)
     p.add_argument("--out", default="runs/benchmark-heads")
     p.add_argument("--generated", type=POSITIVE_INT, default=DEMO["generated"],

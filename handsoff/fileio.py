@@ -58,6 +58,17 @@ def check_model_folder(out_dir: str | os.PathLike, kind: str) -> None:
                               "overwrite it, choose another output folder")
 
 
+def require_same_run(state_path: str | os.PathLike, saved: dict, current: dict, what: str) -> None:
+    """Raise OutputError when the unfinished ``what`` (fit, training, ...) whose resumable state is ``state_path``
+    was started with other inputs or settings than ``current``; the message lists the keys that differ."""
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+        state_path = Path(state_path)
+        raise OutputError(f"{state_path}: this {what} was started with other {', '.join(changed)}; "
+                          f"rerun with the same inputs and settings to resume, or delete {state_path.parent} (or "
+                          "choose another --out) to start fresh")
+
+
 def save_weights_folder(out_dir: str | os.PathLike, state_dict: dict, config: dict) -> Path:
     """A model folder: ``model.safetensors`` (the state dict, on CPU) and ``config.json``, each written atomically."""
     import json
@@ -147,4 +158,17 @@ def fingerprint(*state_dicts) -> str:
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """A short SHA-256 of every file under ``folder`` (relative names and bytes; hidden files skipped): what
+    identifies a dataset a run used."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]

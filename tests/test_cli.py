@@ -64,6 +64,8 @@ BAD_NUMBERS = [  # (command, option, bad value, expected message fragment)
     (["train-downstream", "--data", "d", "--val", "v", "--out", "o"], "--lr", "inf", "finite"),
     (["train-gan", "--data", "d", "--out", "o"], "--augment-p", "1.5", "must be <= 1"),
     (["invert", "--generator", "x", "--images", "d", "--out", "o"], "--steps", "many", "expected an integer"),
+    (["benchmark", "--out", "b"], "--labeled", "16,many", "expected comma-separated integers"),
+    (["benchmark", "--out", "b"], "--labeled", "0,16", "sizes must be >= 1"),
 ]
 
 
@@ -92,3 +94,16 @@ def test_outputs_never_land_on_files_handsoff_did_not_write(tmp_path, tiny_gener
     assert main(["invert", "--generator", str(gen_dir), "--images", str(card.parent), "--out", str(card)]) == 1
     assert "must end in .safetensors" in capsys.readouterr().err
     assert card.read_text() == "{}"
+
+
+def test_force_replaces_only_what_handsoff_wrote(tmp_path, tiny_generator, capsys):
+    """--force rewrites a generator folder or a dataset folder, never a folder of someone else's files."""
+    write_rosinality(tmp_path / "ros.pt", tiny_generator)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(["convert", str(tmp_path / "ros.pt"), str(mine), "--force"]) == 1
+    assert "is not a handsoff generator folder" in capsys.readouterr().err
+    assert main(["render-heads", "--out", str(mine), "--n", "2", "--force"]) == 1
+    assert "holds thesis.tex, which is not part of a labeled dataset" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]

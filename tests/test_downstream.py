@@ -160,9 +160,12 @@ def test_soft_dice_weighs_classes_equally():
     assert losses[3][1] / losses[1][1] > 8  # cross-entropy: 9 times the pixels, 9 times the loss
 
 
-def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, capsys):
-    """One NaN keypoint in the training labels: a one-line error naming the run, no model.pt, exit 1."""
+def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, capsys, monkeypatch):
+    """One NaN keypoint in the training labels: a one-line error naming the file, before any work. A loss that
+    turns non-finite anyway (here forced): a one-line error naming the run and step, no model.pt, exit 1."""
     import shutil
+
+    import handsoff.downstream.train as train
 
     data = tmp_path / "nan-data"
     shutil.copytree(splits["train"], data)
@@ -170,8 +173,15 @@ def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, c
     coco["annotations"][0]["keypoints"][0] = float("nan")
     (data / "keypoints.json").write_text(json.dumps(coco))
     out = tmp_path / "run"
-    assert main(["train-downstream", "--data", str(data), "--val", str(splits["val"]), "--tasks", "seg,kp",
-                 "--out", str(out), "--epochs", "1", "--batch", "12", "--device", "cpu"]) == 1
+    args = ["--val", str(splits["val"]), "--tasks", "seg,kp", "--out", str(out), "--epochs", "1", "--batch", "12",
+            "--device", "cpu"]
+    assert main(["train-downstream", "--data", str(data), *args]) == 1
     err = capsys.readouterr().err
-    assert str(out) in err and "loss is nan" in err and "NaN / inf" in err and "Traceback" not in err
+    assert "nan-data/keypoints.json: annotation 1 holds NaN" in err and "Traceback" not in err
+    assert not out.exists()
+    losses = train.task_losses
+    monkeypatch.setattr(train, "task_losses", lambda *a, **k: {**losses(*a, **k), "kp": torch.tensor(float("nan"))})
+    assert main(["train-downstream", "--data", str(splits["train"]), *args]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: epoch 1, step 1: the training loss is nan" in err and "Traceback" not in err
     assert not (out / "model.pt").exists()

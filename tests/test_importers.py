@@ -179,3 +179,42 @@ def test_the_writer_refuses_wide_class_ids_and_repeated_names(tmp_path):
     writer.add("a", image, np.zeros((4, 4), np.int64))
     with pytest.raises(DatasetError, match="two samples named 'a'"):
         writer.add("a", image, np.ones((4, 4), np.int64))
+
+
+def test_car_parts_annotation_files_with_their_background_category(tmp_path):
+    """The real Car-Parts-Segmentation files list `_background_` among their categories; the shipped mapping
+    takes it to background instead of refusing the file."""
+    anns = [{"id": 1, "image_id": 1, "category_id": 2, "segmentation": [[2, 2, 18, 2, 18, 18, 2, 18]], "area": 256,
+             "iscrowd": 0, "bbox": [2, 2, 16, 16]}]
+    ann, images = _coco(tmp_path, ["_background_", "hood"], anns)
+    import_coco(ann, images, tmp_path / "out", mapping="carparts18_to_10")
+    folder = LabeledFolder(tmp_path / "out")
+    mask, names = folder.load("car")["mask"], folder.card.classes
+    assert names[mask[10, 10]] == "hood" and names[mask[0, 0]] == "background"
+
+
+def test_image_modes_convert_exactly_or_are_refused(tmp_path):
+    """16-bit grey was read as all-white (PIL clips to 255); it is rescaled, 8-bit data stored as 16 bits comes
+    back bit-exact. Grey and palette images expand exactly; float pixels and transparency are refused."""
+    from handsoff.data.layout import read_image
+
+    grey = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = read_image(tmp_path / "g16.png")
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb, np.repeat(grey[..., None], 3, -1))
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    assert np.array_equal(read_image(tmp_path / "g8.png")[..., 1], grey)
+    Image.fromarray(grey).convert("P").save(tmp_path / "p.png")
+    assert np.array_equal(read_image(tmp_path / "p.png")[..., 0], grey)
+    Image.fromarray(grey.astype(np.float32), mode="F").save(tmp_path / "f.tiff")
+    with pytest.raises(DatasetError, match=r"f\.tiff: image mode F"):
+        read_image(tmp_path / "f.tiff")
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert read_image(tmp_path / "opaque.png").shape == (4, 4, 3)
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "hole.png")
+    with pytest.raises(DatasetError, match=r"hole\.png: image has transparent pixels"):
+        read_image(tmp_path / "hole.png")

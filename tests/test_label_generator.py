@@ -98,7 +98,7 @@ def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_p
     assert summary["steps"] == 250
     # Resuming on other labels or settings is refused before any work, naming what differs.
     samples[0]["mask"] = np.roll(samples[0]["mask"], 1, axis=0)
-    with pytest.raises(OutputError, match=r"fit/state.pt: this unfinished fit was started with other labels;"):
+    with pytest.raises(OutputError, match=r"fit/state.pt: this fit was started with other labels;"):
         fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=300, **settings)
     with pytest.raises(OutputError, match="other labels, latents, lr, seed;"):
         fit_label_generator(model, ws + 0.1, samples, tmp_path / "fit", max_steps=300, seed=1,

@@ -9,7 +9,7 @@ import torch
 
 from handsoff.data.layout import DatasetError, read_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class ImageFolder:

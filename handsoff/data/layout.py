@@ -28,6 +28,7 @@ from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
 FORMAT_NAME = "handsoff-labeled"
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LAYOUT_NAMES = {"dataset.json", "images", "masks", "depth", "keypoints.json", "factors.jsonl"}
 
 
 class DatasetError(DataError):
@@ -53,6 +54,14 @@ class DatasetCard:
     def tasks(self) -> list[str]:
         return [t for t, present in (("segmentation", self.classes), ("keypoints", self.keypoint_names),
                                      ("depth", self.depth_format)) if present]
+
+    def require(self, tasks: list[str], where) -> None:
+        """Raise DatasetError naming ``where`` (the dataset) unless it has labels for every task (seg, kp, depth)."""
+        needs = {"seg": ("classes", "masks"), "kp": ("keypoint_names", "keypoints"), "depth": ("depth_format", "depth")}
+        missing = [t for t in tasks if getattr(self, needs[t][0]) is None]
+        if missing:
+            raise DatasetError(f"{where}: the dataset has no labels for task(s) {', '.join(missing)} (its "
+                               f"dataset.json declares no {', '.join(needs[t][1] for t in missing)})")
 
     def to_json(self) -> dict:
         return {
@@ -105,13 +114,19 @@ def default_color(i: int) -> list[int]:
 class DatasetWriter:
     """Write samples into the standard layout; ``close()`` writes keypoints.json and dataset.json last.
 
-    Refuses a non-empty output folder unless ``overwrite`` (then existing files of the same names are replaced).
+    Refuses a non-empty output folder unless ``overwrite`` (then existing files of the same names are replaced),
+    and even then a folder holding anything but the layout's own files.
     """
 
     def __init__(self, root: str | os.PathLike, card: DatasetCard, overwrite: bool = False):
         self.root, self.card = Path(root), card
-        if self.root.exists() and any(self.root.iterdir()) and not overwrite:
-            raise OutputError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
+        if self.root.exists() and any(self.root.iterdir()):
+            if not overwrite:
+                raise OutputError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
+            foreign = sorted(p.name for p in self.root.iterdir() if p.name not in LAYOUT_NAMES)
+            if foreign:  # --force rewrites a dataset, never a folder of someone else's files
+                raise OutputError(f"{self.root}: holds {', '.join(foreign[:3])}, which is not part of a labeled "
+                                  "dataset; --force only rewrites dataset folders, choose another output")
         self.root.mkdir(parents=True, exist_ok=True)
         self.coco_images, self.coco_annotations, self.factors = [], [], []
         self.names: set[str] = set()

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from handsoff.data.dataset import LabeledImageDataset
+from handsoff.data.layout import DatasetError
 from handsoff.downstream.model import DenseModel
-from handsoff.errors import MissingInputError, UsageError
-from handsoff.fileio import atomic_save
+from handsoff.errors import MissingInputError, OutputError, UsageError
+from handsoff.fileio import atomic_save, require_same_run
 from handsoff.label_generator.tasks import Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 from handsoff.runtime import require_finite, resolve_device
@@ -185,11 +186,33 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     dev = resolve_device(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train_sets = [LabeledImageDataset(d, size=size, augment=True, seed=seed) for d in train_dirs]
     val_set = LabeledImageDataset(val_dir, size=size)
     card = train_sets[0].card
+    for path, data in [*zip(train_dirs, train_sets), (val_dir, val_set)]:  # before any work
+        data.card.require(tasks, path)
+        if data.card.classes != card.classes and "seg" in tasks:
+            raise DatasetError(f"{path}: classes {data.card.classes} differ from {train_dirs[0]}'s {card.classes}; "
+                               "every dataset of a run must share one class list (remap with a mapping)")
+        if data.card.keypoint_names != card.keypoint_names and "kp" in tasks:
+            raise DatasetError(f"{path}: keypoints differ from {train_dirs[0]}'s; every dataset of a run must share "
+                               "them")
+    # What the run is: a resumed run must match it. The device may change (it says where, not what), and so may
+    # epochs and patience (they say how long).
+    identity = {"tasks": list(tasks), "train": [str(Path(d).resolve()) for d in train_dirs],
+                "train_images": [len(d) for d in train_sets], "val": str(Path(val_dir).resolve()),
+                "backbone": backbone, "backbone_weights": str(backbone_weights) if backbone_weights else None,
+                "architecture": architecture, "batch_size": batch_size, "lr": lr,
+                "schedule": schedule, "sigma": sigma, "size": size, "seed": seed, "images_per_epoch": images_per_epoch}
+    state_path = out / "state.pt"
+    state = torch.load(state_path, map_location=dev, weights_only=True) if state_path.exists() else None
+    if state is not None and "identity" in state:  # states from before identities were recorded resume unchecked
+        require_same_run(state_path, json.loads(state["identity"]), identity, "training")
+    elif state is None and (clash := [f for f in ("model.pt", "history.json") if (out / f).exists()]):
+        raise OutputError(f"{out}: holds {', '.join(clash)} but no state.pt of a handsoff training; handsoff will "
+                          "not overwrite them, choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     heads = {}
     for t in tasks:
         if t == "seg":
@@ -211,9 +234,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     dtype = autocast_dtype(dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     history, best, start = [], -math.inf, 0
-    state_path = out / "state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, map_location=dev, weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         if scheduler is not None and state.get("scheduler"):
@@ -266,7 +287,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                                                                   "model": model.state_dict()}, tmp))
         atomic_save(state_path, lambda tmp: torch.save({
             "model": model.state_dict(), "opt": opt.state_dict(), "history": history, "best": best,
-            "epoch": epoch + 1, "rng": torch.get_rng_state(),
+            "epoch": epoch + 1, "rng": torch.get_rng_state(), "identity": json.dumps(identity),
             "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp))
         atomic_save(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
         best_epoch = max(history, key=lambda h: h["score"])["epoch"]

@@ -128,6 +128,14 @@ def save_networks(out_dir: str | os.PathLike, generator: Generator, discriminato
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir}: already exists (pass overwrite=True / --force to replace it)")
+    if out_dir.exists() and any(out_dir.iterdir()):  # replaced as a whole: only ever a generator folder
+        try:
+            ours = json.loads((out_dir / "config.json").read_text()).get("format") == FORMAT_NAME
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"{out_dir}: is not a handsoff generator folder; --force replaces only those, "
+                              "choose another output")
     tensors = {f"G.{k}": v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     if discriminator is not None:
         tensors.update({f"D.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()})

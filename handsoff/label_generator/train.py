@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handsoff.errors import OutputError, UsageError
-from handsoff.fileio import atomic_save, check_model_folder, fingerprint
+from handsoff.errors import UsageError
+from handsoff.fileio import atomic_save, check_model_folder, fingerprint, require_same_run
 from handsoff.label_generator.model import LabelGenerator
 from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
@@ -97,21 +97,12 @@ def run_identity(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], *
     """What a fit depends on: the model's shape and tasks, the settings that shape its steps, and fingerprints of
     the latents, the labels and the generator. A resumed fit must match it (``max_steps``, ``min_steps`` and
     ``patience`` may change: they only say when to stop)."""
-    labels = {f"{i}/{key}": torch.as_tensor(np.ascontiguousarray(value))
+    labels = {f"{i}/{key}": torch.from_numpy(np.array(value))  # a copy: arrays may be read-only
               for i, sample in enumerate(samples) for key, value in sample.items() if key != "name"}
     config = {k: v for k, v in model.config().items() if k != "generator"}  # the path may be spelled differently
     config["tasks"] = [{k: v for k, v in task.items() if k not in FITTED} for task in config["tasks"]]
     return {**json.loads(json.dumps(config)), **settings, "latents": fingerprint({"ws": ws}),
             "labels": fingerprint(labels), "generator": fingerprint(model.G.state_dict())}
-
-
-def check_resume(state_path: Path, saved: dict, identity: dict) -> None:
-    """Raise OutputError when the unfinished fit in ``state_path`` was started on other inputs or settings."""
-    changed = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
-    if changed:
-        raise OutputError(f"{state_path}: this unfinished fit was started with other {', '.join(changed)}; rerun "
-                          f"with the same inputs and settings to resume, or delete {state_path.parent} (or choose "
-                          "another --out) to start fresh")
 
 
 def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], out_dir: str | Path, *,
@@ -131,7 +122,7 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     state_path = out_dir / STATE_FILE
     state = torch.load(state_path, weights_only=True) if state_path.exists() else None
     if state is not None and "identity" in state:  # states from before identities were recorded resume unchecked
-        check_resume(state_path, json.loads(state["identity"]), identity)
+        require_same_run(state_path, json.loads(state["identity"]), identity, "fit")
     data = PixelData(model, ws, samples, cache_gb)
     size, n = model.label_size, len(samples)
     pixels_per_image = min(pixels_per_image, size * size)

@@ -4,6 +4,7 @@ Layout of ``config.out`` (each stage resumes or is skipped when its output is co
 command after a kill continues where it stopped)::
 
     config.json                 the validated config the run was started with (a rerun must match it)
+    inputs.json                 fingerprints of the generator and the datasets it used (a rerun must match them)
     inversion/latents.safetensors (+ .json figures, .png real | encoder | refined)
     label_generator/            the fitted label generator (what `handsoff generate` accepts) + preview.png
     dataset/                    the generated labeled dataset (standard layout, manifest.jsonl, dataset.json)
@@ -25,7 +26,7 @@ import torch
 
 from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.errors import MissingInputError, OutputError
-from handsoff.fileio import atomic_write_json, output_lock
+from handsoff.fileio import atomic_write_json, fingerprint, folder_fingerprint, output_lock, require_same_run
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.runtime import resolve_device
 
@@ -77,15 +78,10 @@ def check_inputs(config: PipelineConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise MissingInputError(f"{path}: not found (config {key})")
-    needs = {"seg": "classes", "kp": "keypoint_names", "depth": "depth_format"}
     for role in ("labeled", "validation", "test", "oracle"):
         path = getattr(config, role)
-        if path is None:
-            continue
-        card = LabeledFolder(path).card  # raises DatasetError naming the folder
-        missing = [t for t in config.tasks if getattr(card, needs[t]) is None]
-        if missing:
-            raise DatasetError(f"{path}: the {role} dataset has no labels for task(s) {', '.join(missing)}")
+        if path is not None:
+            LabeledFolder(path).card.require(config.tasks, f"{path} (the {role} dataset)")
     if config.transfer and config.validation is None:
         raise DatasetError("config: the transfer baseline needs a validation set (set validation, or transfer: "
                            "false); its training images cannot select its own checkpoint")
@@ -125,8 +121,16 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
     elif clash := [name for name in RUN_OUTPUTS if (out / name).exists()]:
         raise OutputError(f"{out}: holds {', '.join(clash)} but no handsoff run (no config.json); handsoff will "
                           "not overwrite them, choose another out")
+    # What the run's outputs depend on besides its settings: the generator's weights and every dataset's files.
+    inputs = {"generator": fingerprint(nets.generator.state_dict()),
+              **{role: folder_fingerprint(getattr(config, role)) for role in ("labeled", "validation", "test", "oracle")
+                 if getattr(config, role) is not None}}
+    inputs_path = out / "inputs.json"
+    if inputs_path.exists():
+        require_same_run(inputs_path, json.loads(inputs_path.read_text()), inputs, "run")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, config.to_json())
+    atomic_write_json(inputs_path, inputs)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     timings: dict[str, float] = results.get("timings", {})
