@@ -8,6 +8,15 @@ from handsoff.generator import Discriminator, Generator
 TINY = dict(resolution=64, z_dim=32, w_dim=32, n_mlp=2, channel_base=1024, channel_max=32)
 
 
+def networks_16px() -> tuple[Generator, Discriminator]:
+    """A 16 px generator (w_avg estimated) and discriminator, random but fixed: the whole pipeline in seconds."""
+    torch.manual_seed(0)
+    G = randomize(Generator(resolution=16, z_dim=16, w_dim=16, n_mlp=1, channel_base=256, channel_max=16),
+                  seed=1).eval()
+    G.mapping.update_w_avg(seed=0)
+    return G, randomize(Discriminator(resolution=16, channel_base=256, channel_max=16), seed=2).eval()
+
+
 @pytest.fixture
 def tiny_generator() -> Generator:
     torch.manual_seed(0)

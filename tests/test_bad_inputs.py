@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_writers import randomize
+from conftest import networks_16px
 from PIL import Image
 
 from handsoff.cli import main
 from handsoff.domains.heads import SPLIT_SEEDS, write_heads_dataset
-from handsoff.generator import Discriminator, Generator, save_networks
+from handsoff.generator import save_networks
 
 SIZE = 16
 FIT = ["--members", "2", "--hidden", "8", "--hidden2", "4", "--max-steps", "2", "--min-steps", "0",
@@ -31,11 +31,7 @@ def world(tmp_path_factory):
     """Good inputs for every stage at 16 px: generator, labeled heads (seg, kp, depth), latents, label generator,
     a downstream model. Cases copy what they break."""
     root = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    G = randomize(Generator(resolution=SIZE, z_dim=16, w_dim=16, n_mlp=1, channel_base=256, channel_max=16),
-                  seed=1).eval()
-    G.mapping.update_w_avg(seed=0)
-    D = randomize(Discriminator(resolution=SIZE, channel_base=256, channel_max=16), seed=2).eval()
+    G, D = networks_16px()
     w = {"gen": save_networks(root / "gen", G, D),
          "labeled": write_heads_dataset(root / "labeled", 4, seed=SPLIT_SEEDS["labeled"], size=SIZE, progress=False)}
     w["latents"] = root / "latents.safetensors"

@@ -143,12 +143,12 @@ def test_invert_bad_inputs_are_clear_errors(tmp_path, tiny_generator, tiny_discr
     assert main([*args, "--images", str(folder)]) == 1
     assert "small.png: image is 32x32, expected 64x64" in capsys.readouterr().err
     (folder / "small.png").unlink()
-    Image.new("L", (64, 64)).save(folder / "gray.png")
+    Image.new("F", (64, 64)).save(folder / "float.tiff")  # grey converts exactly (one reader for all stages)
     assert main([*args, "--images", str(folder)]) == 1
-    assert "gray.png: expected an RGB image, got mode L" in capsys.readouterr().err
+    assert "float.tiff: image mode F" in capsys.readouterr().err
     assert main([*args, "--images", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: image folder does not exist" in capsys.readouterr().err
-    (folder / "gray.png").unlink()
+    (folder / "float.tiff").unlink()
     Image.new("RGB", (64, 64)).save(folder / "ok.png")
     assert main([*args, "--images", str(folder), "--encoder", str(tmp_path / "no_encoder")]) == 1
     assert "no_encoder/config.json: missing" in capsys.readouterr().err
