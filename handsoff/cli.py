@@ -16,6 +16,7 @@ from tqdm import tqdm
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
+from handsoff.label_generator.tasks import KEYPOINT_SIGMA
 from handsoff.runtime import resolve_device
 
 PIPELINE = """\
@@ -465,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated samples per cell (before filtering)")
     p.add_argument("--validation", type=POSITIVE_INT, default=DEMO["validation"])
     p.add_argument("--test", type=POSITIVE_INT, default=DEMO["test"])
-    p.add_argument("--oracle", type=POSITIVE_INT, default=5000, help="real heads the Oracle trains on (the demo: 2,000)")
+    p.add_argument("--oracle", type=POSITIVE_INT, default=5000,
+                   help="real heads the Oracle trains on (the demo: 2,000)")
     p.add_argument("--inversion-steps", type=NONNEGATIVE_INT, default=DEMO["inversion"]["steps"],
                    help="W+ optimization steps per labeled image")
     p.add_argument("--lg-steps", type=POSITIVE_INT, default=DEMO["label_generator"]["max_steps"],
@@ -475,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=ds["backbone"], help="resnet18 (CPU), resnet50, resnet101, "
                    "mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (all methods)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=ds["epochs"], help="downstream epochs (every method: the same "
-                   "schedule)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=ds["epochs"],
+                   help="downstream epochs (every method: the same schedule)")
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=ds["images_per_epoch"])
     p.add_argument("--batch", type=POSITIVE_INT, default=ds["batch"])
     p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
@@ -600,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-step", type=POSITIVE_INT, default=4)
     p.add_argument("--pixels", type=POSITIVE_INT, default=1024, help="label pixels sampled per image per step")
     p.add_argument("--lr", type=POSITIVE, default=1e-3)
-    p.add_argument("--keypoint-sigma", type=POSITIVE, default=1.5, help="heatmap sigma in label pixels")
+    p.add_argument("--keypoint-sigma", type=POSITIVE, default=KEYPOINT_SIGMA, help="heatmap sigma in label pixels")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_fit, writes="out")
@@ -642,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE, default=1e-3)
     p.add_argument("--patience", type=POSITIVE_INT, default=5, help="stop after this many epochs without improvement")
     p.add_argument("--size", type=POSITIVE_INT, default=None, help="train at this resolution (default: the data's)")
-    p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None, help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any size the same schedule")
+    p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None,
+                   help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any "
+                   "size the same schedule")
     p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
                    help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
                    "paper's network (output stride 8)")

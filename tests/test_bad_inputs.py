@@ -93,6 +93,13 @@ def card_without_keypoints(world, tmp):
     (data / "dataset.json").write_text(json.dumps({**card, "keypoints": None}))
 
 
+def renamed_class(world, tmp):
+    data = copy_dataset(world, tmp)
+    card = json.loads((data / "dataset.json").read_text())
+    card["classes"][1]["name"] = "fur"
+    (data / "dataset.json").write_text(json.dumps(card))
+
+
 def float_image(world, tmp):
     data = copy_dataset(world, tmp)
     path = data / "images" / f"{first_name(data)}.png"
@@ -254,6 +261,9 @@ CASES = [  # id, command (with {placeholders} and {tmp}), prepare, fragment, cor
     ("evaluate-missing-model", ["evaluate", "--model", "{tmp}/none", "--data", LABELED], nothing, "none", None),
     ("evaluate-corrupt-test-mask", ["evaluate", "--model", MODEL, "--data", "{tmp}/bad", "--out",
                                     "{tmp}/m.json", "--device", "cpu"], corrupt_mask, "cannot read mask", None),
+    ("evaluate-other-classes", ["evaluate", "--model", MODEL, "--data", "{tmp}/bad", "--out", "{tmp}/m.json",
+                                "--device", "cpu"], renamed_class, "are not the model's",
+     ["evaluate", "--model", MODEL, "--data", LABELED, "--out", "{tmp}/m.json", "--device", "cpu"]),
     ("run-config-a-list", ["run", "{tmp}/run.yaml"], run_config_is_a_list, "run.yaml: expected a mapping", None),
     ("run-negative-seed", ["run", "{tmp}/run.yaml", "--quiet"], run_config(seed=-1), "seed", None),
     ("run-filter-by-absent-task", ["run", "{tmp}/run.yaml", "--quiet"], run_config(**{"generation.filter_by": "kp"}),

@@ -221,3 +221,20 @@ def test_fit_command_end_to_end(tmp_path, tiny_generator, tiny_discriminator, ca
     assert main(["fit", "--generator", str(ckpt), "--latents", str(bad), "--labels", str(labels),
                  "--out", str(tmp_path / "lg2")]) == 1
     assert "bad.safetensors: latents are (3, 5)" in capsys.readouterr().err
+
+
+def test_a_label_generator_loads_on_its_generator_with_other_runtime_settings(tiny_generator, tmp_path):
+    """Precision and clamping may be overridden at load time (load_generator(..., num_fp16_res=N)); only another
+    architecture is refused."""
+    from conftest import TINY
+
+    from handsoff.errors import DataError
+    from handsoff.generator import Generator
+
+    model = LabelGenerator(tiny_generator, [Segmentation(["a", "b"])], 16, members=1, hidden=8, hidden2=4)
+    path = save_label_generator(model, tmp_path / "lg")
+    reduced = Generator(**TINY, num_fp16_res=2)
+    reduced.load_state_dict(tiny_generator.state_dict())
+    assert load_label_generator(path, generator=reduced).G is reduced
+    with pytest.raises(DataError, match="fitted on a generator with config"):
+        load_label_generator(path, generator=Generator(**{**TINY, "channel_max": 16}))

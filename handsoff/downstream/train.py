@@ -35,7 +35,7 @@ from handsoff.data.layout import DatasetError
 from handsoff.downstream.model import DenseModel
 from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save, require_same_run
-from handsoff.label_generator.tasks import Depth, Keypoints, gaussian_heat
+from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 from handsoff.runtime import require_finite, resolve_device
 
@@ -115,7 +115,7 @@ def task_losses(outputs: dict, batch: dict, depth_task: Depth | None, sigma: flo
 
 @torch.no_grad()
 def evaluate_model(model: DenseModel, dataset, depth_task: Depth | None = None, batch_size: int = 32,
-                   class_names: list[str] | None = None, sigma: float = 1.5,
+                   class_names: list[str] | None = None, sigma: float = KEYPOINT_SIGMA,
                    keypoint_names: list[str] | None = None) -> dict:
     """Metrics of ``model`` (on whatever device it lives) on a dataset: seg mIoU and IoU per class, kp
     PCK@0.1/0.05/0.02 overall and per keypoint, depth MSE/RMSE/RMSE-log/nMSE."""
@@ -175,7 +175,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                      tasks: list[str], backbone: str = "resnet18", backbone_weights: str | None = None,
                      epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5,
                      size: int | None = None,
-                     sigma: float = 1.5, seed: int = 0, images_per_epoch: int | None = None,
+                     sigma: float = KEYPOINT_SIGMA, seed: int = 0, images_per_epoch: int | None = None,
                      architecture: str = "unet", schedule: str = "onecycle", device: str = "auto",
                      progress: bool = True) -> dict:
     """Train on the union of ``train_dirs``, select on ``val_dir``; resumable from ``out/state.pt``.
@@ -279,7 +279,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         metrics = evaluate_model(model, val_set, depth_task, class_names=card.classes, sigma=sigma,
                                  keypoint_names=card.keypoint_names)
         score = selection_score(metrics)
-        history.append({"epoch": epoch + 1, "images": n, "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
+        history.append({"epoch": epoch + 1, "images": n,
+                        "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
                         "val": {k: v for k, v in metrics.items() if not isinstance(v, dict)}, "score": score})
         if score > best:
             best = score
@@ -318,8 +319,15 @@ def evaluate_run(model_dir: str | os.PathLike, data: str | os.PathLike, out: str
 
     model, config = load_downstream(model_dir, device)
     dataset = LabeledImageDataset(data, size=config.get("size"))
+    tasks = config.get("tasks", [])
+    dataset.card.require(tasks, data)
+    for key, task in (("classes", "seg"), ("keypoint_names", "kp")):
+        if task in tasks and getattr(dataset.card, key) != config.get(key):
+            raise DatasetError(f"{data}: its {key.replace('_', ' ')} {getattr(dataset.card, key)} are not the "
+                               f"model's {config.get(key)}; evaluate on data labeled the same way")
     depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
-    metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"), sigma=config.get("sigma", 1.5),
+    metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"),
+                             sigma=config.get("sigma", KEYPOINT_SIGMA),
                              keypoint_names=config.get("keypoint_names"))
     out = Path(out) if out else Path(model_dir) / "metrics.json"
     atomic_write_json(out, {"model": str(model_dir), "data": str(data), **metrics})

@@ -40,6 +40,7 @@ from handsoff.generator.augment import AdaptiveAugmentation, augment
 from handsoff.generator.checkpoints import save_networks
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.sampling import latents_for_seeds
+from handsoff.runtime import resolve_device
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "training.json"
@@ -395,8 +396,7 @@ def train_gan(config: TrainingConfig) -> Path:
     """Train (or resume) a run in ``config.out``; returns the path of the last exported network."""
     from handsoff.visualize import image_grid, save_image_atomic
 
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if config.device == "auto" else config.device))
+    device = resolve_device(config.device)
     run = Path(config.out)
     data = ImageFolder(config.data, config.resolution)
     state = build_state(config, device)

@@ -197,6 +197,7 @@ def load_label_generator(path: str | os.PathLike, generator=None, device: str | 
                          ) -> LabelGenerator:
     """Load a label generator; its generator is loaded from the recorded reference unless one is given."""
     from handsoff.generator import load_generator
+    from handsoff.generator.checkpoints import RUNTIME_KEYS
 
     path = Path(path)
     config, state = read_weights_folder(path, "a label generator folder (make one with `handsoff fit`)")
@@ -204,9 +205,12 @@ def load_label_generator(path: str | os.PathLike, generator=None, device: str | 
         if not config.get("generator"):
             raise MissingInputError(f"{path / 'config.json'}: records no generator; pass one explicitly")
         generator = load_generator(config["generator"], device=device)
-    if generator.config != config["generator_config"]:
+    def architecture(c: dict) -> dict:  # runtime settings (precision, clamping) may be overridden at load time
+        return {k: v for k, v in c.items() if k not in RUNTIME_KEYS}
+
+    if architecture(generator.config) != architecture(config["generator_config"]):
         raise DataError(f"{path / 'config.json'}: fitted on a generator with config {config['generator_config']}, "
-                         f"got {generator.config}")
+                        f"got {generator.config}")
     tasks = [task_from_config(t) for t in config["tasks"]]
     model = LabelGenerator(generator, tasks, config["label_size"], config["members"], config["hidden"],
                            config["hidden2"], generator_ref=config.get("generator"))

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from handsoff.errors import DataError, UsageError
 
+KEYPOINT_SIGMA = 1.5  # Gaussian heatmap sigma, in label pixels (label generator and downstream network)
+
 TOP_FRACTION = 0.1  # image uncertainty score = mean of its most uncertain 10% of pixels (HandsOff)
 
 
@@ -106,7 +108,7 @@ class Keypoints:
 
     name = "kp"
 
-    def __init__(self, names: list[str], sigma: float = 1.5, visibility_threshold: float = 0.3):
+    def __init__(self, names: list[str], sigma: float = KEYPOINT_SIGMA, visibility_threshold: float = 0.3):
         self.names = list(names)
         self.out_channels = len(names)
         self.sigma, self.visibility_threshold = sigma, visibility_threshold

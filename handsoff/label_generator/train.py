@@ -23,14 +23,14 @@ from tqdm import tqdm
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save, check_model_folder, fingerprint, require_same_run
 from handsoff.label_generator.model import LabelGenerator
-from handsoff.label_generator.tasks import Depth, Keypoints, Segmentation
+from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
 
 STATE_FILE = "state.pt"
 FITTED = ("visibility_threshold", "log_mean", "log_std")  # task settings a fit computes, not inputs to it
 
 
-def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, keypoint_sigma: float = 1.5
+def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, keypoint_sigma: float = KEYPOINT_SIGMA
                 ) -> list:
     """Task objects for task names from a dataset card (classes, keypoint names), with clear errors."""
     tasks = []
@@ -168,7 +168,8 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
             stop = step >= min_steps and since_best >= patience
             if step % checkpoint_every == 0 or stop or step >= max_steps:
                 state = {"ensemble": model.ensemble.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                         "identity": json.dumps(identity), "step": step, "best": best, "since_best": since_best, "smoothed": smoothed}
+                         "identity": json.dumps(identity), "step": step, "best": best, "since_best": since_best,
+                         "smoothed": smoothed}
                 atomic_save(out_dir / "log.jsonl",
                             lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in log)))
                 atomic_save(state_path, lambda tmp: torch.save(state, tmp))
@@ -199,7 +200,7 @@ def calibrate_visibility(model: LabelGenerator, task: Keypoints, ws: torch.Tenso
 
 def fit_from_folder(G, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
                     label_size: int | None = None, members: int = 10, hidden: int = 256, hidden2: int = 32,
-                    keypoint_sigma: float = 1.5, seed: int = 0, generator_ref: str | None = None,
+                    keypoint_sigma: float = KEYPOINT_SIGMA, seed: int = 0, generator_ref: str | None = None,
                     progress: bool = True, **fit_options) -> tuple[LabelGenerator, dict]:
     """Fit a label generator on a latents file (from inversion) and the labeled dataset it was inverted from.
 

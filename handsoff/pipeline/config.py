@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
+from handsoff.label_generator.tasks import KEYPOINT_SIGMA
 
 TaskName = Literal["seg", "kp", "depth"]
 
@@ -62,7 +63,7 @@ class LabelGeneratorSettings(Section):
     images_per_step: int = Field(4, ge=1)
     pixels: int = Field(1024, ge=1)
     lr: float = Field(1e-3, gt=0)
-    keypoint_sigma: float = Field(1.5, gt=0)
+    keypoint_sigma: float = Field(KEYPOINT_SIGMA, gt=0)
 
 
 class GenerationSettings(Section):
