@@ -323,8 +323,8 @@ def cmd_train_downstream(args) -> int:
                               seed=args.seed, images_per_epoch=args.images_per_epoch, architecture=args.arch,
                               schedule=args.schedule, device=args.device)
     best = max(result["history"], key=lambda h: h["score"])
-    print(f"wrote {args.out}/model.pt (best epoch {best['epoch']} of {len(result['history'])} on the validation "
-          f"split: {json.dumps(best['val'])})")
+    print(f"wrote {args.out}/model.safetensors (best epoch {best['epoch']} of {len(result['history'])} on the "
+          f"validation split: {json.dumps(best['val'])})")
     return 0
 
 

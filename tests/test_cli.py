@@ -3,13 +3,11 @@ import subprocess
 import sys
 
 import pytest
-
 from checkpoint_writers import write_rosinality
 from PIL import Image
 
 from handsoff import load_generator, save_networks
 from handsoff.cli import main
-
 
 COMMANDS = ["demo", "run", "report", "benchmark", "init-generator", "convert", "sample", "train-gan", "train-encoder",
             "invert", "fit", "generate", "train-downstream", "evaluate", "render-heads", "import-data", "show"]

@@ -162,7 +162,7 @@ def test_soft_dice_weighs_classes_equally():
 
 def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, capsys, monkeypatch):
     """One NaN keypoint in the training labels: a one-line error naming the file, before any work. A loss that
-    turns non-finite anyway (here forced): a one-line error naming the run and step, no model.pt, exit 1."""
+    turns non-finite anyway (here forced): a one-line error naming the run and step, no model saved, exit 1."""
     import shutil
 
     import handsoff.downstream.train as train
@@ -184,4 +184,15 @@ def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, c
     assert main(["train-downstream", "--data", str(splits["train"]), *args]) == 1
     err = capsys.readouterr().err
     assert f"{out}: epoch 1, step 1: the training loss is nan" in err and "Traceback" not in err
-    assert not (out / "model.pt").exists()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_model_pt_of_earlier_versions_still_loads(tmp_path):
+    """Run folders now hold model.safetensors + config.json; a model.pt (torch.save) from before loads the same."""
+    torch.manual_seed(0)
+    model = DenseModel("resnet18", {"seg": 3}, architecture="unet").eval()
+    torch.save({"config": model.config, "model": model.state_dict()}, tmp_path / "model.pt")
+    loaded, config = load_downstream(tmp_path)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x)["seg"], model(x)["seg"])
+    assert config["architecture"] == "unet"

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from handsoff.errors import OutputError
-
 from handsoff.label_generator import (
     Depth,
     Keypoints,

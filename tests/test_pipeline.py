@@ -56,7 +56,8 @@ def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, caps
         assert len(metrics["pck_per_keypoint"]) == 12 and "pck@0.02" in next(iter(metrics["pck_per_keypoint"].values()))
     assert results["generation"]["counts"] == {"kept": 6, "filtered": 2, "rejected": 0, "surplus": 0}
     for path in ("inversion/latents.safetensors", "label_generator/model.safetensors", "dataset/manifest.jsonl",
-                 "downstream/handsoff/model.pt", "downstream/transfer/model.pt", "downstream/oracle/model.pt",
+                 "downstream/handsoff/model.safetensors", "downstream/transfer/model.safetensors",
+                 "downstream/oracle/model.safetensors",
                  "curve/dataset-4/dataset.json"):
         assert (out / path).exists(), path
     table = capsys.readouterr().out
@@ -72,9 +73,9 @@ def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, caps
     assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
 
     # Rerunning skips every finished stage and gives the same results.
-    stamp = (out / "downstream/handsoff/model.pt").stat().st_mtime_ns
+    stamp = (out / "downstream/handsoff/model.safetensors").stat().st_mtime_ns
     assert main(["run", str(config_file), "--quiet", "--no-report"]) == 0
-    assert (out / "downstream/handsoff/model.pt").stat().st_mtime_ns == stamp
+    assert (out / "downstream/handsoff/model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
 
     # Another config into the same folder is refused instead of mixing two runs.
@@ -134,7 +135,8 @@ def test_missing_labels_for_a_task_fail_before_any_work(domain, tmp_path):
     writer.add("a", torch.zeros(SIZE, SIZE, 3, dtype=torch.uint8).numpy())
     writer.close()
     config = PipelineConfig.model_validate(_config(tmp_path / "r", {**paths, "test": str(tmp_path / "images-only")}))
-    with pytest.raises(DatasetError, match=r"images-only \(the test dataset\): the dataset has no labels for task\(s\) seg, kp, depth"):
+    with pytest.raises(DatasetError, match=r"images-only \(the test dataset\): the dataset has no labels for "
+                                           r"task\(s\) seg, kp, depth"):
         run_pipeline(config, progress=False)
     assert not (tmp_path / "r").exists()
 

@@ -8,8 +8,8 @@ Adam (HandsOff: 1e-3 constant, batch 8, 20 epochs), by default with a one-cycle 
 first 10% of steps, cosine decay to zero), which reaches a given accuracy with far fewer images seen; early
 stopping: after each epoch the model is scored on the validation split (never the test split); the best epoch's
 weights are kept; training stops after ``patience`` epochs without improvement. The run folder holds
-``model.pt`` (best weights + config), ``state.pt`` (resumable: last epoch's weights, optimizer, schedule,
-history) and ``history.json``.
+``model.safetensors`` + ``config.json`` (the best epoch's weights and what rebuilds the network), ``state.pt``
+(resumable: last epoch's weights, optimizer, schedule, history) and ``history.json``.
 
 Devices: ``device`` is "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; the model and every batch live
 there. On CUDA the forward pass runs in mixed precision (bf16 where the card supports it, else fp16 with loss
@@ -34,13 +34,14 @@ from handsoff.data.dataset import LabeledImageDataset
 from handsoff.data.layout import DatasetError
 from handsoff.downstream.model import DenseModel
 from handsoff.errors import MissingInputError, OutputError, UsageError
-from handsoff.fileio import atomic_save, require_same_run
+from handsoff.fileio import atomic_save, read_weights_folder, require_same_run, save_weights_folder
 from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, gaussian_heat
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 from handsoff.runtime import require_finite, resolve_device
 
 KEYPOINT_LOSS_WEIGHT = 100.0  # heatmap MSE is tiny next to cross-entropy; this brings it to a similar scale
 TASK_KEYS = {"seg": "mask", "kp": "keypoints", "depth": "depth"}
+MODEL_FORMAT = "handsoff-downstream"  # config.json's "format" of a run folder's model
 SCHEDULES = ("onecycle", "constant")
 
 
@@ -209,7 +210,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     state = torch.load(state_path, map_location=dev, weights_only=True) if state_path.exists() else None
     if state is not None and "identity" in state:  # states from before identities were recorded resume unchecked
         require_same_run(state_path, json.loads(state["identity"]), identity, "training")
-    elif state is None and (clash := [f for f in ("model.pt", "history.json") if (out / f).exists()]):
+    elif state is None and (clash := [f for f in ("model.safetensors", "model.pt", "history.json")
+                                      if (out / f).exists()]):
         raise OutputError(f"{out}: holds {', '.join(clash)} but no state.pt of a handsoff training; handsoff will "
                           "not overwrite them, choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -284,8 +286,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                         "val": {k: v for k, v in metrics.items() if not isinstance(v, dict)}, "score": score})
         if score > best:
             best = score
-            atomic_save(out / "model.pt", lambda tmp: torch.save({"config": config,
-                                                                  "model": model.state_dict()}, tmp))
+            save_weights_folder(out, model.state_dict(), {"format": MODEL_FORMAT, "version": 1, **config})
         atomic_save(state_path, lambda tmp: torch.save({
             "model": model.state_dict(), "opt": opt.state_dict(), "history": history, "best": best,
             "epoch": epoch + 1, "rng": torch.get_rng_state(), "identity": json.dumps(identity),
@@ -297,17 +298,27 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     return {"history": history, "best_score": best, "config": config}
 
 
+def has_model(run_dir: str | os.PathLike) -> bool:
+    """Whether a train-downstream run folder holds a trained model (either format)."""
+    return any((Path(run_dir) / name).is_file() for name in ("model.safetensors", "model.pt"))
+
+
 def load_downstream(path: str | os.PathLike, device: str = "cpu") -> tuple[DenseModel, dict]:
-    """(model in eval mode on ``device``, its config) from a run folder or its model.pt (trained on any
-    device). Models saved before the architecture option existed are DeepLabV3s."""
+    """(model in eval mode on ``device``, its config) from a run folder (trained on any device). Folders of
+    earlier versions hold a pickle-free ``model.pt`` instead (also accepted as a file path); models saved before
+    the architecture option existed are DeepLabV3s."""
     path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise MissingInputError(f"{file}: no trained downstream model (run `handsoff train-downstream`)")
-    saved = torch.load(file, map_location="cpu", weights_only=True)
-    config = saved["config"]
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        config, state = read_weights_folder(path, "a downstream model folder (train one with `handsoff "
+                                                  "train-downstream`)")
+    else:
+        file = path / "model.pt" if path.is_dir() else path
+        if not file.is_file():
+            raise MissingInputError(f"{path}: no trained downstream model (run `handsoff train-downstream`)")
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        config, state = saved["config"], saved["model"]
     model = DenseModel(config["backbone"], config["heads"], architecture=config.get("architecture", "deeplabv3"))
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(state)
     return model.to(resolve_device(device)).eval(), config
 
 

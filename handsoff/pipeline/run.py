@@ -104,6 +104,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
 
 def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bool, log) -> dict:
     from handsoff.downstream import evaluate_run, train_downstream
+    from handsoff.downstream.train import has_model
     from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
     from handsoff.inversion import build_perceptual, invert_folder, load_encoder
     from handsoff.label_generator import fit_from_folder, load_label_generator
@@ -207,8 +208,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
             if config.test is not None:
                 methods[method] = _headline(evaluate_run(run_dir, config.test, device=str(device)))
 
-        stage(f"downstream: {method}", method in methods or (config.test is None and
-                                                             (run_dir / "model.pt").exists()), train)
+        stage(f"downstream: {method}", method in methods or (config.test is None and has_model(run_dir)), train)
         atomic_write_json(results_path, {**results, "methods": methods, "timings": timings})
 
     results = {
