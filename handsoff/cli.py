@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the whole pipeline, the Transfer baseline (same network and schedule on the labeled real "
                        "images) and the Oracle (the same on --oracle real heads). Sizes are flags: small on a CPU, "
                        "full on a GPU. Rerun to resume.")
-    from handsoff.pipeline.benchmark import DEMO  # the CPU sizes: the demo's, defined once
+    from handsoff.pipeline.benchmark import BENCHMARK_ORACLE, DEMO  # the CPU sizes: the demo's, defined once
 
     ds = DEMO["downstream"]
     p.add_argument("--domain", default="heads", choices=["heads"], help="the embedded domain")
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated samples per cell (before filtering)")
     p.add_argument("--validation", type=POSITIVE_INT, default=DEMO["validation"])
     p.add_argument("--test", type=POSITIVE_INT, default=DEMO["test"])
-    p.add_argument("--oracle", type=POSITIVE_INT, default=5000,
+    p.add_argument("--oracle", type=POSITIVE_INT, default=BENCHMARK_ORACLE,
                    help="real heads the Oracle trains on (the demo: 2,000)")
     p.add_argument("--inversion-steps", type=NONNEGATIVE_INT, default=DEMO["inversion"]["steps"],
                    help="W+ optimization steps per labeled image")

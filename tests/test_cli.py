@@ -116,3 +116,35 @@ def test_force_replaces_only_what_handsoff_wrote(tmp_path, tiny_generator, capsy
     assert main(["render-heads", "--out", str(mine), "--n", "2", "--force"]) == 1
     assert "holds thesis.tex, which is not part of a labeled dataset" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def _defaults(command: str) -> dict:
+    import argparse
+
+    from handsoff.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a.default for a in sub.choices[command]._actions if a.dest != "help"}
+
+
+def test_cli_defaults_are_the_run_config_and_library_defaults():
+    """One default per setting: each command's options default to what `handsoff run` and the library use."""
+    import inspect
+
+    from handsoff.pipeline.benchmark import run_benchmark
+    from handsoff.pipeline.config import (DownstreamSettings, GenerationSettings, InversionSettings,
+                                          LabelGeneratorSettings)
+
+    compared = 0
+    for command, settings in (("invert", InversionSettings), ("fit", LabelGeneratorSettings),
+                              ("generate", GenerationSettings), ("train-downstream", DownstreamSettings)):
+        cli = {"architecture" if k == "arch" else k: v for k, v in _defaults(command).items()}
+        assert set(settings.model_fields) <= set(cli), command  # every run-config setting is a CLI option
+        for field in settings.model_fields:
+            assert settings.model_fields[field].default == cli[field], (command, field)
+            compared += 1
+    assert compared == 37
+    signature = inspect.signature(run_benchmark).parameters
+    cli = _defaults("benchmark")
+    for option in ("validation", "test", "oracle", "generated"):
+        assert signature[option].default == cli[option], option
