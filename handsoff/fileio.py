@@ -23,6 +23,31 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Pat
     return path
 
 
+def atomic_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_dir)`` on a new hidden folder beside ``path``, then put it in place of ``path`` (the old
+    folder, if any, is removed after the swap), so readers see either the old or the new folder whole."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_save(path, lambda tmp: tmp.write_bytes(data))
 

@@ -132,8 +132,12 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
     import inspect
 
     from handsoff.pipeline.benchmark import run_benchmark
-    from handsoff.pipeline.config import (DownstreamSettings, GenerationSettings, InversionSettings,
-                                          LabelGeneratorSettings)
+    from handsoff.pipeline.config import (
+        DownstreamSettings,
+        GenerationSettings,
+        InversionSettings,
+        LabelGeneratorSettings,
+    )
 
     compared = 0
     for command, settings in (("invert", InversionSettings), ("fit", LabelGeneratorSettings),

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from handsoff import load_networks
 from handsoff.cli import main
 from handsoff.domains.heads import write_heads_dataset
 from handsoff.generator.augment import AdaptiveAugmentation, augment, sample_geometry, warp, warp_keypoints
-from handsoff.generator.training import STATE_FILE, TrainingConfig, build_state, data_indices, train_step
+from handsoff.generator.training import TrainingConfig, build_state, data_indices, read_state, train_step
 
 TINY_RUN = ["--size", "16", "--z-dim", "16", "--w-dim", "16", "--n-mlp", "2", "--channel-base", "128",
             "--channel-max", "16", "--batch", "8", "--r1-interval", "2", "--pl-weight", "1", "--augment", "ada",
@@ -32,8 +33,8 @@ def test_train_resume_matches_uninterrupted_and_samples(tmp_path, heads16):
     assert [e["images_seen"] for e in log] == [16]
     _train(heads16, tmp_path / "split", 48)  # the same command with a longer target resumes
 
-    whole = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)
-    split = torch.load(tmp_path / "split" / STATE_FILE, weights_only=True)
+    whole = read_state(tmp_path / "whole")
+    split = read_state(tmp_path / "split")
     assert split["images_seen"] == whole["images_seen"] == 48
     for net in ("G", "D", "G_ema"):
         for key, value in whole[net].items():
@@ -71,7 +72,7 @@ def test_resume_may_change_precision_and_records_it(tmp_path, heads16):
     assert json.loads((tmp_path / "run" / "training.json").read_text())["precision"] == "mixed"
     assert main([*args, "--images", "16", "--precision", "fp32"]) == 0
     assert json.loads((tmp_path / "run" / "training.json").read_text())["precision"] == "fp32"
-    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)["images_seen"] == 16
+    assert read_state(tmp_path / "run")["images_seen"] == 16
 
 
 def test_training_data_errors_name_the_file(tmp_path, capsys):
@@ -183,3 +184,33 @@ def test_adaptive_p_follows_the_overfitting_heuristic():
     fixed = AdaptiveAugmentation(p=0.3, target=None)
     fixed.accumulate(torch.ones(10))
     assert fixed.update(1000) is None and fixed.p == 0.3
+
+
+def test_state_is_split_safetensors_and_a_legacy_state_pt_resumes(tmp_path, heads16):
+    """The resumable state is safetensors in state/ (no file over 16 MiB for the shipped run) and round-trips
+    exactly, optimizer int keys and tuples included; a run of an earlier version (state.pt) resumes and ends with
+    one copy of its state, in the new format."""
+    from handsoff.generator.training import load_training_state, save_training_state
+
+    _train(heads16, tmp_path / "run", 16)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["networks.safetensors", "opt_D.safetensors",
+                                                                 "opt_G.safetensors", "state.json"]
+    state = read_state(run)
+    save_training_state(state, tmp_path / "copy")
+    again = load_training_state(tmp_path / "copy")
+    assert again["opt_G"]["param_groups"][0]["betas"] == state["opt_G"]["param_groups"][0]["betas"]
+    assert isinstance(again["opt_G"]["param_groups"][0]["betas"], tuple)
+    assert sorted(again["opt_D"]["state"]) == sorted(state["opt_D"]["state"]) and 0 in again["opt_D"]["state"]
+    torch.testing.assert_close(again["torch_rng"], state["torch_rng"], rtol=0, atol=0)
+    assert (again["images_seen"], again["step"]) == (state["images_seen"], state["step"])
+    # An earlier version's run folder: state.pt only.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run, legacy)
+    shutil.rmtree(legacy / "state")
+    torch.save(state, legacy / "state.pt")
+    _train(heads16, legacy, 32)
+    _train(heads16, run, 32)
+    assert not (legacy / "state.pt").exists() and read_state(legacy)["images_seen"] == 32
+    for key, value in read_state(run)["G_ema"].items():
+        torch.testing.assert_close(read_state(legacy)["G_ema"][key], value, rtol=1e-5, atol=1e-6)

@@ -21,8 +21,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from handsoff.errors import DataError, OutputError
+from handsoff.fileio import atomic_folder
 from handsoff.generator import ops
 from handsoff.generator.networks import Discriminator, Generator
 
@@ -142,22 +141,11 @@ def save_networks(out_dir: str | os.PathLike, generator: Generator, discriminato
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "generator": generator.config,
               "discriminator": discriminator.config if discriminator is not None else None,
               "metadata": metadata or {}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+
+    return atomic_folder(out_dir, write)
 
 
 def detect_format(path: Path) -> str:

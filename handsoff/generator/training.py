@@ -8,12 +8,15 @@ with float32 master weights; gradient accumulation.
 
 A run directory holds:
     training.json         the config (a resumed run must match it)
-    state.pt              everything needed to continue: G, D, G_ema, optimizers, counters, RNG state
+    state/                everything needed to continue: G, D, G_ema, optimizers, counters, RNG state, as
+                          networks / opt_G / opt_D .safetensors (each under 16 MiB for the shipped 64 px run)
+                          and state.json (the rest); replaced whole at each snapshot. Runs of earlier versions
+                          hold state.pt (torch.save) instead, read once and replaced by state/.
     network-NNNNNNNN/      exported snapshots (G_ema + D) in the handsoff checkpoint format
     samples/fakes-NNNNNNNN.png, reals.png   fixed-latent sample grids
     log.jsonl             one line per tick: images seen, losses, augmentation p, images/s
 
-Run the same command again after a kill and it continues from ``state.pt``; the data order, latents, noise and
+Run the same command again after a kill and it continues from ``state/``; the data order, latents, noise and
 augmentation come from seeded generators whose state is saved, so a resumed run retraces the uninterrupted one
 (up to nondeterminism of the compute kernels).
 """
@@ -35,14 +38,16 @@ from tqdm import tqdm
 
 from handsoff.data.images import ImageFolder
 from handsoff.errors import UsageError
-from handsoff.fileio import atomic_save
+from handsoff.fileio import atomic_folder, atomic_save
 from handsoff.generator.augment import AdaptiveAugmentation, augment
 from handsoff.generator.checkpoints import save_networks
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.runtime import resolve_device
 
-STATE_FILE = "state.pt"
+STATE_DIR = "state"
+LEGACY_STATE_FILE = "state.pt"
+_STATE_FILES = {"opt_G": "opt_G", "opt_D": "opt_D"}  # top-level state key -> file; everything else: networks
 CONFIG_FILE = "training.json"
 LOG_FILE = "log.jsonl"
 
@@ -153,7 +158,7 @@ def data_indices(n_items: int, seed: int, start: int, count: int) -> np.ndarray:
 
 @dataclass
 class TrainingState:
-    """The mutable state of a run (networks, optimizers, counters); saved whole in ``state.pt``."""
+    """The mutable state of a run (networks, optimizers, counters); saved whole in ``state/``."""
 
     G: Generator
     D: Discriminator
@@ -377,8 +382,73 @@ def _truncate_log(path: Path, images_seen: int) -> None:
         atomic_save(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
 
+def _encode(obj, key: str, tensors: dict) -> dict:
+    """A JSON skeleton of a nested state (dicts keep non-string keys and order, tuples stay tuples); its tensors
+    go to ``tensors`` under dotted keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _decode(node: dict, tensors: dict):
+    (kind, value), = node.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _decode(v, tensors) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [_decode(v, tensors) for v in value]
+        return tuple(items) if kind == "tuple" else items
+    return value
+
+
+def save_training_state(state: dict, folder: Path) -> Path:
+    """Write a ``TrainingState.state_dict()`` as ``folder/{networks,opt_G,opt_D}.safetensors`` + ``state.json``,
+    replacing the folder whole (a kill leaves the previous state intact)."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        groups: dict[str, dict] = {}
+        skeleton = {top: _encode(value, top, groups.setdefault(_STATE_FILES.get(top, "networks"), {}))
+                    for top, value in state.items()}
+        for name, tensors in groups.items():
+            save_file(tensors, tmp / f"{name}.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"format": "handsoff-gan-state", "version": 1,
+                                                    "files": sorted(groups), "state": skeleton}))
+
+    return atomic_folder(folder, write)
+
+
+def load_training_state(folder: Path) -> dict:
+    """The state dict written by ``save_training_state`` (tensors on CPU; loading into the modules and
+    optimizers moves them to their device)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    tensors: dict = {}
+    for name in meta["files"]:
+        tensors.update(load_file(folder / f"{name}.safetensors"))
+    return {top: _decode(node, tensors) for top, node in meta["state"].items()}
+
+
+def has_state(run: Path) -> bool:
+    return (run / STATE_DIR / "state.json").is_file() or (run / LEGACY_STATE_FILE).is_file()
+
+
+def read_state(run: Path) -> dict:
+    """A run's resumable state: ``state/``, or ``state.pt`` from earlier versions."""
+    if (run / STATE_DIR / "state.json").is_file():
+        return load_training_state(run / STATE_DIR)
+    return torch.load(run / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def save_snapshot(state: TrainingState, config: TrainingConfig, run: Path) -> Path:
-    """Export G_ema + D as ``network-NNNNNNNN/`` (handsoff format), then write ``state.pt`` atomically."""
+    """Export G_ema + D as ``network-NNNNNNNN/`` (handsoff format), then replace ``state/`` whole."""
     metadata = {"training": {"images_seen": state.images_seen, "step": state.step, "augment_p": state.ada.p,
                              "data": config.data, "seed": config.seed}}
     G_ema = copy.deepcopy(state.G_ema).cpu()
@@ -388,7 +458,8 @@ def save_snapshot(state: TrainingState, config: TrainingConfig, run: Path) -> Pa
         net.config.update(num_fp16_res=0, conv_clamp=None)
     out = save_networks(run / f"network-{_images_name(state.images_seen)}", G_ema, D, metadata=metadata,
                         overwrite=True)
-    atomic_save(run / STATE_FILE, lambda tmp: torch.save(state.state_dict(), tmp))
+    save_training_state(state.state_dict(), run / STATE_DIR)
+    (run / LEGACY_STATE_FILE).unlink(missing_ok=True)  # one copy of the state, in one format
     return out
 
 
@@ -400,17 +471,16 @@ def train_gan(config: TrainingConfig) -> Path:
     run = Path(config.out)
     data = ImageFolder(config.data, config.resolution)
     state = build_state(config, device)
-    state_path = run / STATE_FILE
-    if state_path.exists():
+    if has_state(run):
         _check_resume(run, config)
         # The file records what the run continues with (resumable keys such as precision may have changed).
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
-        state.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        state.load_state_dict(read_state(run))
         _truncate_log(run / LOG_FILE, state.images_seen)
         print(f"resuming {run} at {state.images_seen} images (step {state.step})")
     else:
         if run.exists() and any(run.iterdir()):
-            raise TrainingError(f"{run}: exists and holds no {STATE_FILE} to resume from; choose an empty --out")
+            raise TrainingError(f"{run}: exists and holds no {STATE_DIR}/ to resume from; choose an empty --out")
         run.mkdir(parents=True, exist_ok=True)
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         save_image_atomic(image_grid(data.batch(range(min(config.grid_size, len(data))))), run / "reals.png")
