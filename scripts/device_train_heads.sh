@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Continue training the shipped heads-64 generator on a lent GPU machine for a fixed time, and bring back what
+# the next session resumes from. Run from the repository root on the device machine, as one `run` call:
+#
+#   scripts/device_wheels.sh                        # here, once: wheels the GPU image lacks -> runs/device-wheels
+#   run(command="bash scripts/device_train_heads.sh 480", carry=["runs/device-wheels"], timeout_s=590)
+#
+# then, here: copy $OUT/state/* to training/heads-64/state/, $OUT/log.jsonl and $OUT/training.json to
+# training/heads-64/, the snapshot folder to runs/heads-64/ and evaluate it with scripts/ship_heads_generator.py.
+#
+# Arguments: SECONDS, the whole script's budget (default 480). Environment: HEADS_N (training heads, default
+# 50000: the set the shipped generator was trained on), DEVICE (cuda), PRECISION (fp32: the mixed-precision CUDA
+# path has not run on a GPU yet), SNAPSHOT (images between snapshots, default 50000), RUN (runs/device-heads-64).
+set -euo pipefail
+budget=${1:-480}
+start=$SECONDS
+n=${HEADS_N:-50000}
+run=${RUN:-runs/device-heads-64}
+out=${OUT:?set OUT to the folder whose files come back}
+py=${PYTHON:-python3}
+
+if [ -d runs/device-wheels ]; then  # the GPU image has torch, numpy, pillow, safetensors, tqdm, pyyaml
+  $py -m pip install -q --no-index --find-links runs/device-wheels pydantic pycocotools
+fi
+$py -m pip install -q --no-deps --no-build-isolation -e .
+
+# The training heads: image i of seed 4 depends only on (4, i), so parts rendered in parallel and gathered into
+# one folder are exactly the set (and file order) the generator was trained on.
+data=runs/heads-gan-$n-images
+if [ ! -d "$data" ]; then
+  parts=$(nproc)
+  per=$(( (n + parts - 1) / parts ))
+  for i in $(seq 0 $((parts - 1))); do
+    first=$((i * per)); count=$(( first + per > n ? n - first : per ))
+    [ "$count" -gt 0 ] || continue
+    $py -m handsoff render-heads --out "runs/heads-parts/$i" --n "$count" --start "$first" --seed 4 --size 64 \
+      --batch 64 > "runs/render-$i.log" 2>&1 &
+  done
+  wait
+  mkdir -p "$data.partial"
+  for d in runs/heads-parts/*/images; do mv "$d"/*.png "$data.partial"/; done
+  mv "$data.partial" "$data"
+fi
+echo "rendered $(ls "$data" | wc -l) heads in $((SECONDS - start)) s"
+
+if [ ! -d "$run" ]; then
+  mkdir -p "$run"
+  cp -r training/heads-64/. "$run"/
+  rm -f "$run/README.md"
+fi
+left=$(( budget - (SECONDS - start) - 40 ))  # leave time to copy the state back
+echo "training for $left s"
+timeout --signal=INT "$left" $py -m handsoff train-gan --data "$data" --out "$run" --size 64 --images 5000000 \
+  --snapshot "${SNAPSHOT:-50000}" --tick 10000 --seed 0 --precision "${PRECISION:-fp32}" \
+  --device "${DEVICE:-cuda}" 2>&1 | tr '\r' '\n' | grep -v '^train-gan: ' | tail -n 25 || true
+
+mkdir -p "$out/state"
+cp "$run"/state/* "$out/state/"
+cp "$run/log.jsonl" "$run/training.json" "$out/"
+last=$(ls -d "$run"/network-* | sort | tail -n 1)
+mkdir -p "$out/$(basename "$last")"
+cp "$last"/* "$out/$(basename "$last")/"
+tail -n 3 "$run/log.jsonl"
+seen=$($py -c "import json, sys; print(json.load(open(sys.argv[1]))['state']['images_seen']['value'])" \
+  "$out/state/state.json")
+echo "state at $seen images; done in $((SECONDS - start)) s"
