@@ -3,6 +3,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_run_command_goes_through_every_stage_and_resumes(domain, tmp_path, caps
                  "downstream/oracle/model.safetensors",
                  "curve/dataset-4/dataset.json"):
         assert (out / path).exists(), path
+    # The generated dataset's keypoints.json is written as every dataset's is: the labeled set's skeleton kept.
+    category = json.loads((out / "dataset" / "keypoints.json").read_text())["categories"][0]
+    labeled = json.loads((Path(paths["labeled"]) / "keypoints.json").read_text())["categories"][0]
+    assert category["skeleton"] == labeled["skeleton"] and len(category["skeleton"]) > 0
     table = capsys.readouterr().out
     assert "handsoff" in table and "transfer" in table and "oracle" in table and "IoU per class" in table
 

@@ -111,6 +111,21 @@ def default_color(i: int) -> list[int]:
     return [int(r * 255), int(g * 255), int(b * 255)]
 
 
+def coco_keypoints(image_id: int, keypoints) -> dict:
+    """The COCO annotation of one image's keypoints (K, 3) [x, y, v] (the annotation id is the image id)."""
+    kp = np.asarray(keypoints, np.float64)
+    return {"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+            "keypoints": [round(float(v), 3) for v in kp.reshape(-1)], "num_keypoints": int((kp[:, 2] > 0).sum())}
+
+
+def write_keypoints_json(path: Path, card: DatasetCard, images: list[dict], annotations: list[dict]) -> None:
+    """``keypoints.json``: COCO images, annotations and the one category with the card's names and skeleton."""
+    index = {n: i + 1 for i, n in enumerate(card.keypoint_names)}
+    atomic_write_json(path, {"images": images, "annotations": annotations,
+                             "categories": [{"id": 1, "name": "object", "keypoints": card.keypoint_names,
+                                             "skeleton": [[index[a], index[b]] for a, b in card.skeleton]}]})
+
+
 class DatasetWriter:
     """Write samples into the standard layout; ``close()`` writes keypoints.json and dataset.json last.
 
@@ -161,22 +176,13 @@ class DatasetWriter:
         if keypoints is not None:
             image_id = len(self.coco_images) + 1
             self.coco_images.append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
-            kp = np.asarray(keypoints, np.float64)
-            self.coco_annotations.append({
-                "id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
-                "num_keypoints": int((kp[:, 2] > 0).sum())})
+            self.coco_annotations.append(coco_keypoints(image_id, keypoints))
         if factors is not None:
             self.factors.append({"name": name, **factors})
 
     def close(self) -> Path:
         if self.card.keypoint_names is not None:
-            names = self.card.keypoint_names
-            index = {n: i + 1 for i, n in enumerate(names)}
-            atomic_write_json(self.root / "keypoints.json", {
-                "images": self.coco_images, "annotations": self.coco_annotations,
-                "categories": [{"id": 1, "name": "object", "keypoints": names,
-                                "skeleton": [[index[a], index[b]] for a, b in self.card.skeleton]}]})
+            write_keypoints_json(self.root / "keypoints.json", self.card, self.coco_images, self.coco_annotations)
         if self.factors:
             atomic_write_bytes(self.root / "factors.jsonl",
                                "".join(json.dumps(f) + "\n" for f in self.factors).encode())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from handsoff.data.layout import DatasetCard, DatasetError
+from handsoff.data.layout import DatasetCard, DatasetError, coco_keypoints, write_keypoints_json
 from handsoff.data.webdataset import write_webdataset
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, output_lock
@@ -305,8 +305,8 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
 
     kept = [e for e in selected if e["index"] not in dropped]
     card = _card(model, config, kept, manifest, classes, source)
-    if "kp" in {t.name for t in model.tasks}:
-        _write_coco(out, model, kept)
+    if card.keypoint_names is not None:
+        _write_coco(out, card, model, kept)
     if config.fmt == "webdataset":
         _pack_shards(out, model, kept, config.shard_size)
     atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest).encode())
@@ -336,18 +336,12 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
                        source={"generated_by": "handsoff generate", **lg_source})
 
 
-def _write_coco(out: Path, model, kept: list[dict]) -> None:
-    kp_task = next(t for t in model.tasks if t.name == "kp")
+def _write_coco(out: Path, card: DatasetCard, model, kept: list[dict]) -> None:
     size = model.label_size
-    images, annotations = [], []
-    for i, e in enumerate(kept, start=1):
-        images.append({"id": i, "file_name": f"{e['name']}.png", "width": size, "height": size})
-        flat = [v for row in e["keypoints"] for v in row]
-        annotations.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "keypoints": flat,
-                            "num_keypoints": sum(row[2] > 0 for row in e["keypoints"])})
-    atomic_write_json(out / "keypoints.json", {"images": images, "annotations": annotations,
-                                               "categories": [{"id": 1, "name": "object",
-                                                               "keypoints": kp_task.names, "skeleton": []}]})
+    images = [{"id": i, "file_name": f"{e['name']}.png", "width": size, "height": size}
+              for i, e in enumerate(kept, start=1)]
+    write_keypoints_json(out / "keypoints.json", card, images,
+                         [coco_keypoints(i, e["keypoints"]) for i, e in enumerate(kept, start=1)])
 
 
 def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
