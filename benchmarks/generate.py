@@ -80,7 +80,7 @@ def class_frequency(model, n: int, truncation: float, batch: int) -> None:
     import numpy as np
 
     from handsoff.domains import heads
-    from handsoff.generation.run import PRESENCE_PIXELS
+    from handsoff.metrics.labels import presence_pixels
 
     n_total = math.ceil(n / 0.9)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,7 @@ def class_frequency(model, n: int, truncation: float, batch: int) -> None:
                            for i in range(0, n, 64)]).astype(np.int64)
     counts = np.stack([np.bincount(m.reshape(-1), minlength=len(heads.CLASSES)) for m in real])
     pixel_share = counts.sum(0) / counts.sum()
-    image_share = (counts >= PRESENCE_PIXELS).mean(0)
+    image_share = (counts >= presence_pixels(64 * 64)).mean(0)
     print(f"\nclass frequencies: {stats['counts']['kept']} generated (truncation {truncation}, 10% most uncertain "
           f"dropped) vs {n} real rendered heads")
     print(f"{'class':<11}{'pixels gen':>11}{'pixels real':>12}{'images gen':>11}{'images real':>12}")

@@ -163,12 +163,13 @@ def line_plot(series: dict[str, list[tuple[float, float]]], lines: dict[str, flo
 
 def _class_shares(folder, limit: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(pixel share, image share) per class over the first ``limit`` masks of a labeled folder."""
-    from handsoff.generation.run import PRESENCE_PIXELS
+    from handsoff.metrics.labels import presence_pixels
 
     k = len(folder.card.classes)
-    counts = np.array([np.bincount(folder.load(n)["mask"].ravel(), minlength=k)[:k] for n in folder.names[:limit]],
-                      np.float64)
-    return counts.sum(0) / max(counts.sum(), 1), (counts >= PRESENCE_PIXELS).mean(0)
+    masks = [folder.load(n)["mask"] for n in folder.names[:limit]]
+    counts = np.array([np.bincount(m.ravel(), minlength=k)[:k] for m in masks], np.float64)
+    present = np.array([presence_pixels(m.size) for m in masks])[:, None]
+    return counts.sum(0) / max(counts.sum(), 1), (counts >= present).mean(0)
 
 
 def class_frequency_table(generated: dict, real_folder) -> str:

@@ -98,7 +98,7 @@ def test_class_quota_reaches_its_target(tmp_path, label_generator):
 def test_a_quota_the_generator_cannot_fill_gives_up(tmp_path, label_generator, monkeypatch, capsys):
     import handsoff.generation.run as generation
 
-    monkeypatch.setattr(generation, "PRESENCE_PIXELS", 10**9)  # as if the generator never drew the class
+    monkeypatch.setattr(generation, "presence_pixels", lambda pixels: 10**9)  # as if never drawn
     out = tmp_path / "never"
     assert main(["generate", "--label-generator", str(label_generator), "--out", str(out), "--n", "4", "--batch",
                  "4", "--filter-top", "0", "--device", "cpu", "--min-class-fraction", f"{CLASSES[1]}=1.0"]) == 1

@@ -21,9 +21,9 @@ from handsoff.data.webdataset import write_webdataset
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
+from handsoff.metrics.labels import presence_pixels
 
 PROGRESS_DIR = ".progress"
-PRESENCE_PIXELS = 4  # a class is "in" an image when its predicted mask has at least this many pixels
 
 
 @dataclass
@@ -134,8 +134,10 @@ def _read_records(out: Path, batches: range) -> dict[int, dict]:
     return records
 
 
-def _quota_selection(entries: list[dict], config: GenerationConfig, classes: list[str]) -> tuple[list[int], bool]:
-    """Indices selected under the class quota from candidates in index order; and whether the quotas are full."""
+def _quota_selection(entries: list[dict], config: GenerationConfig, classes: list[str], present: int
+                     ) -> tuple[list[int], bool]:
+    """Indices selected under the class quota from candidates in index order (a class counts when it has at least
+    ``present`` pixels); and whether the quotas are full."""
     if not config.min_class_fraction:
         chosen = [e["index"] for e in entries[:config.n]]
         return chosen, len(chosen) == config.n
@@ -145,7 +147,7 @@ def _quota_selection(entries: list[dict], config: GenerationConfig, classes: lis
     need_without = config.n - need_with
     with_cls, without = [], []
     for e in entries:
-        if e["class_pixels"][cls] >= PRESENCE_PIXELS:
+        if e["class_pixels"][cls] >= present:
             if len(with_cls) < need_with:
                 with_cls.append(e["index"])
         elif len(without) < need_without:
@@ -245,14 +247,14 @@ def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int,
         _barrier(world)
         records = _read_records(out, range(n_batches))
         entries = [e for b in sorted(records) for e in records[b]["samples"]]
-        _, full = _quota_selection(entries, config, classes)
+        _, full = _quota_selection(entries, config, classes, presence_pixels(model.label_size ** 2))
         if full or not config.min_class_fraction:
             break
         # Not enough samples of the class yet: extend the candidate range by what the rate so far suggests, up to
         # MAX_CANDIDATES_PER_SAMPLE * n candidates (a class the generator never draws would otherwise never end).
         (name, fraction), = config.min_class_fraction.items()
         cls = classes.index(name)
-        found = int(sum(e["class_pixels"][cls] >= PRESENCE_PIXELS for e in entries))
+        found = int(sum(e["class_pixels"][cls] >= presence_pixels(model.label_size ** 2) for e in entries))
         limit = math.ceil(MAX_CANDIDATES_PER_SAMPLE * config.n / config.batch)
         if n_batches >= limit:
             raise UsageError(f"--min-class-fraction {name}={fraction:g}: {found} of {len(entries)} candidates "
@@ -269,7 +271,7 @@ def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int,
 
 def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], classes: list[str],
               source: dict) -> Path:
-    chosen, _ = _quota_selection(entries, config, classes)
+    chosen, _ = _quota_selection(entries, config, classes, presence_pixels(model.label_size ** 2))
     chosen_set = set(chosen)
     selected = [e for e in entries if e["index"] in chosen_set]
     scores = filter_scores(selected, config.filter_by)
@@ -324,7 +326,8 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
     if classes:
         pixels = np.array([e["class_pixels"] for e in kept], np.float64)
         stats["class_pixel_share"] = dict(zip(classes, (pixels.sum(0) / max(pixels.sum(), 1)).round(6).tolist()))
-        stats["class_image_share"] = dict(zip(classes, ((pixels >= PRESENCE_PIXELS).mean(0)).round(6).tolist()))
+        present = pixels >= presence_pixels(model.label_size ** 2)
+        stats["class_image_share"] = dict(zip(classes, present.mean(0).round(6).tolist()))
     kp = tasks.get("kp")
     lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
                  "generator": model.generator_ref, "producer": source.get("producer"), "statistics": stats}

@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from handsoff.domains import heads
 from handsoff.metrics.frechet import frechet_distance
+from handsoff.metrics.labels import PRESENCE_FRACTION
 from handsoff.metrics.probe import Probe, train_probe
-
-PRESENCE_FRACTION = 0.002  # a class "appears" in an image when it covers at least this share of pixels
 
 
 def render_real(seed: int, start: int, n: int, size: int = 64, batch: int = 64,
