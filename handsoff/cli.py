@@ -120,7 +120,7 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
-    from handsoff.report import write_report
+    from handsoff.pipeline.report import write_report
 
     if args.print_defaults:
         import yaml
@@ -145,7 +145,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from handsoff.report import write_report
+    from handsoff.pipeline.report import write_report
 
     print(f"wrote {write_report(args.run, args.out)}")
     return 0

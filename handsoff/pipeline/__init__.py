@@ -1,5 +1,5 @@
-"""Every stage in one run: a validated config (``config``), the run itself (``run``), and the heads-domain
-benchmark and demo built on it (``benchmark``)."""
+"""Every stage in one run: a validated config (``config``), the run itself (``run``), its HTML report
+(``report``), and the heads-domain benchmark and demo built on it (``benchmark``)."""
 
 from handsoff.pipeline.config import PipelineConfig, load_config
 from handsoff.pipeline.run import run_pipeline

@@ -66,7 +66,7 @@ def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: 
 def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: bool = True, log=print,
              **overrides) -> dict:
     """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html."""
-    from handsoff.report import write_report
+    from handsoff.pipeline.report import write_report
 
     sizes = {**DEMO, **overrides}
     out = Path(out).resolve()  # results.json and the report then work from any folder
