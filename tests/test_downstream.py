@@ -196,3 +196,24 @@ def test_a_model_pt_of_earlier_versions_still_loads(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(x)["seg"], model(x)["seg"])
     assert config["architecture"] == "unet"
+
+
+def test_the_saved_model_is_the_best_epoch_on_validation(tmp_path, splits, monkeypatch):
+    """Epoch 1 scores best on validation, so after 3 epochs model.safetensors holds epoch 1's weights (those of a
+    1-epoch run with the same seed and a constant learning rate), not the last epoch's."""
+    from safetensors.torch import load_file
+
+    import handsoff.downstream.train as train
+
+    args = ["--data", str(splits["train"]), "--val", str(splits["val"]), "--tasks", "seg", "--batch", "6",
+            "--schedule", "constant", "--device", "cpu"]
+    assert main(["train-downstream", *args, "--epochs", "1", "--out", str(tmp_path / "one")]) == 0
+    scores = iter([0.9, 0.1, 0.2])
+    monkeypatch.setattr(train, "selection_score", lambda metrics: next(scores))
+    assert main(["train-downstream", *args, "--epochs", "3", "--patience", "5", "--out", str(tmp_path / "three")]) == 0
+    history = json.loads((tmp_path / "three" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    best, one = load_file(tmp_path / "three" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    last = torch.load(tmp_path / "three" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], one[k]) for k in one)
+    assert not all(torch.equal(best[k], last[k]) for k in best)  # the last epoch's weights differ
