@@ -15,8 +15,9 @@ def test_miou_is_dataset_level_with_background_and_absent_classes_left_out():
     assert out["iou"]["bg"] == pytest.approx(1 / 3) and out["iou"]["a"] == pytest.approx(2 / 3)
     assert out["iou"]["b"] == pytest.approx(0.5) and out["iou"]["c"] is None
     assert out["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0.5) / 3)
-    # Dataset-level differs from the mean of per-image mIoUs: check on the sums directly.
-    assert conf.sum() == 6
+    # Dataset-level, as HandsOff scores: not the mean of per-image mIoUs (0.5 vs (7/12 + 1/4) / 2 here).
+    per_image = [miou(confusion_matrix(p, t, 4), ["bg", "a", "b", "c"])["miou"] for p, t in ((p1, t1), (p2, t2))]
+    assert per_image == pytest.approx([7 / 12, 1 / 4]) and out["miou"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="sizes differ"):
         confusion_matrix(p1, t2, 4)
 
