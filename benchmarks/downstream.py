@@ -17,14 +17,17 @@ import time
 import torch
 
 from handsoff.downstream.model import DenseModel
-from handsoff.downstream.train import task_losses
+from handsoff.downstream.train import autocast, autocast_dtype, task_losses
 from handsoff.label_generator.tasks import Depth
 from handsoff.runtime import tune_allocator
 
 
-def images_per_second(architecture: str, backbone: str, size: int, batch: int, steps: int) -> float:
+def images_per_second(architecture: str, backbone: str, size: int, batch: int, steps: int,
+                      device: str | torch.device = "cpu") -> float:
+    """Training images/s of one network on ``device`` (mixed precision on CUDA, as the trainer runs)."""
+    device = torch.device(device)
     torch.manual_seed(0)
-    model = DenseModel(backbone, {"seg": 12, "kp": 12, "depth": 1}, architecture=architecture)
+    model = DenseModel(backbone, {"seg": 12, "kp": 12, "depth": 1}, architecture=architecture).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     depth = Depth()
     depth.fit_normalization([torch.rand(size, size).numpy() * 10 + 1])
@@ -32,13 +35,21 @@ def images_per_second(architecture: str, backbone: str, size: int, batch: int, s
                   "mask": torch.randint(0, 12, (batch, size, size)),
                   "keypoints": torch.cat([torch.rand(batch, 12, 2) * size, torch.full((batch, 12, 1), 2.0)], -1),
                   "depth": torch.rand(batch, 1, size, size) * 10 + 1}
+    batch_data = {k: v.to(device) for k, v in batch_data.items()}
+    dtype = autocast_dtype(device)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
-        loss = sum(task_losses(model(batch_data["image"]), batch_data, depth, 1.5).values())
+        with autocast(device, dtype):
+            outputs = model(batch_data["image"])
+        loss = sum(task_losses({k: v.float() for k, v in outputs.items()}, batch_data, depth, 1.5).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return batch * steps / (time.perf_counter() - start)
 
 
