@@ -4,6 +4,10 @@ from checkpoint_writers import randomize
 
 from handsoff.generator import Discriminator, Generator
 
+# Device-agnostic tests run on each of these: CUDA where present, reported as skipped (never failed) without it.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+
 # Tiny but complete: 64 px, every block present, narrow widths so each test runs in well under a second.
 TINY = dict(resolution=64, z_dim=32, w_dim=32, n_mlp=2, channel_base=1024, channel_max=32)
 

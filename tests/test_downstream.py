@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from handsoff.cli import main
 from handsoff.domains.heads import write_heads_dataset
@@ -77,10 +78,6 @@ def test_heatmaps_peak_at_keypoints():
     kp = torch.tensor([[[3.5, 5.5, 2.0], [0.0, 0.0, 0.0]]])
     heat = heatmaps(kp, 8, sigma=1.0)
     assert heat.shape == (1, 2, 8, 8) and heat[0, 0, 5, 3] == 1.0 and heat[0, 1].abs().sum() == 0
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                  reason="needs a CUDA device"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

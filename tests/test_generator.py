@@ -1,7 +1,7 @@
 import pytest
 import stylegan2_reference as ref
 import torch
-from conftest import TINY
+from conftest import DEVICES, TINY
 
 from handsoff.generator import Generator, latents_for_seeds
 from handsoff.generator.ops import modulated_conv2d
@@ -145,3 +145,18 @@ def test_discriminator_forward_and_features(tiny_discriminator, tiny_generator):
     assert [tuple(f.shape[1:]) for f in feats] == [(32, 32, 32), (32, 16, 16), (32, 8, 8), (32, 4, 4)]
     with pytest.raises(ValueError, match="divisible"):
         tiny_discriminator(torch.randn(6, 3, 64, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_generator_runs_on_every_device(tiny_generator, device):
+    """The same images on the device as on CPU (CUDA convolutions may use TF32: a few 1e-3), and reduced precision
+    there (fp16 with clamping on CUDA, bf16 on CPU) close to float32."""
+    z = torch.randn(2, tiny_generator.z_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_generator(z)
+        moved = Generator(**TINY).to(device).eval()
+        moved.load_state_dict(tiny_generator.state_dict())
+        assert (moved(z.to(device)).cpu() - expected).abs().max() < 5e-3
+        low = Generator(**{**TINY, "num_fp16_res": 2, "conv_clamp": 256.0}).to(device).eval()
+        low.load_state_dict(tiny_generator.state_dict())
+        assert (low(z.to(device)).float().cpu() - expected).abs().mean() < 0.02

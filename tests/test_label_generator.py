@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 
 from handsoff.errors import OutputError
 from handsoff.label_generator import (
@@ -237,3 +238,19 @@ def test_a_label_generator_loads_on_its_generator_with_other_runtime_settings(ti
     assert load_label_generator(path, generator=reduced).G is reduced
     with pytest.raises(DataError, match="fitted on a generator with config"):
         load_label_generator(path, generator=Generator(**{**TINY, "channel_max": 16}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_maps_on_every_device_match_cpu(tiny_generator, device):
+    """The factorized label path on the device gives CPU's labels (TF32 on CUDA: small differences allowed)."""
+    torch.manual_seed(0)
+    model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"]), Depth(log_mean=1.0, log_std=0.5)], 32,
+                           members=2, hidden=16, hidden2=8).eval()
+    ws = _latents(tiny_generator, 2)
+    expected = model.predict(ws)
+    moved = model.to(device).predict(ws.to(device))
+    for i in range(2):
+        same = (moved["seg"][i]["label"].cpu() == expected["seg"][i]["label"]).float().mean()
+        assert same > 0.99
+        torch.testing.assert_close(moved["depth"][i]["label"].cpu(), expected["depth"][i]["label"], rtol=1e-2,
+                                   atol=1e-2)

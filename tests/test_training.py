@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 from PIL import Image
 
 from handsoff import load_networks
@@ -93,14 +94,15 @@ def test_training_data_errors_name_the_file(tmp_path, capsys):
                  *TINY_RUN]) == 1
 
 
-def test_training_moves_the_networks_and_keeps_losses_finite():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_moves_the_networks_and_keeps_losses_finite(device):
     config = TrainingConfig(data="", out="", resolution=16, z_dim=16, w_dim=16, n_mlp=2, channel_base=128,
                             channel_max=16, batch=8, batch_per_round=4, r1_interval=1, augment="fixed",
-                            augment_p=0.5)
-    state = build_state(config, torch.device("cpu"))
+                            augment_p=0.5, device=device)
+    state = build_state(config, torch.device(device))
     before = {k: v.clone() for k, v in state.G.state_dict().items()}
     ema_before = {k: v.clone() for k, v in state.G_ema.state_dict().items()}
-    reals = torch.rand(8, 3, 16, 16) * 2 - 1
+    reals = (torch.rand(8, 3, 16, 16) * 2 - 1).to(device)
     stats = train_step(state, reals, config)
     assert all(np.isfinite(v) for v in stats.values()) and "r1_penalty" in stats
     assert not torch.equal(before["synthesis.b16.conv1.weight"], state.G.state_dict()["synthesis.b16.conv1.weight"])
