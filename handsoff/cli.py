@@ -414,8 +414,16 @@ PROBABILITY = _number(float, 0, 1)
 FRACTION = _number(float, 0, 1, high_open=True)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``error: handsoff fit: argument --members: ...``), like every other
+    handsoff error; the full usage stays one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
+    parser = Parser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
                                      "handful of labeled real images.", epilog=PIPELINE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also "

@@ -84,7 +84,9 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys, 
     with pytest.raises(SystemExit) as e:
         main([*command, option, value])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: handsoff "), lines  # one line, as every handsoff error
+    err = lines[0]
     assert option in err and fragment in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
 
