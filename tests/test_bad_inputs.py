@@ -269,6 +269,8 @@ CASES = [  # id, command (with {placeholders} and {tmp}), prepare, fragment, cor
     ("run-negative-seed", ["run", "{tmp}/run.yaml", "--quiet"], run_config(seed=-1), "seed", None),
     ("run-filter-by-absent-task", ["run", "{tmp}/run.yaml", "--quiet"], run_config(**{"generation.filter_by": "kp"}),
      "filter_by 'kp' is not one of the run's tasks", None),
+    ("run-quota-unknown-class", ["run", "{tmp}/run.yaml", "--quiet"],
+     run_config(**{"generation.min_class_fraction": {"wings": 0.5}}), "wings is not a class of", None),
     ("run-missing-backbone-weights", ["run", "{tmp}/run.yaml", "--quiet"],
      run_config(**{"downstream.backbone_weights": "/nonexistent/r18.pth"}), "r18.pth: not found", None),
     ("run-device-banana", ["run", "{tmp}/run.yaml", "--quiet", "--device", "banana"], run_config(),

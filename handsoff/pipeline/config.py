@@ -75,6 +75,16 @@ class GenerationSettings(Section):
     filter_by: Literal["combined", "seg", "kp", "depth"] = "combined"
     batch: int = Field(16, ge=1)
     format: Literal["folder", "webdataset"] = "folder"
+    keep_filtered: bool = False
+    min_class_fraction: dict[str, float] = Field(default_factory=dict, max_length=1)
+
+    @field_validator("min_class_fraction")
+    @classmethod
+    def _fractions(cls, quotas: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in quotas.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        return quotas
 
 
 class DownstreamSettings(Section):
@@ -129,6 +139,12 @@ class PipelineConfig(Section):
         if any(n < 1 for n in sizes):
             raise ValueError(f"curve sizes must be positive, got {sizes}")
         return sorted(set(sizes))
+
+    @model_validator(mode="after")
+    def _quota_needs_seg(self) -> PipelineConfig:
+        if self.generation.min_class_fraction and "seg" not in self.tasks:
+            raise ValueError("generation.min_class_fraction needs the seg task")
+        return self
 
     @model_validator(mode="after")
     def _filter_by_a_task(self) -> PipelineConfig:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from handsoff.data.layout import DatasetError, LabeledFolder
-from handsoff.errors import MissingInputError, OutputError
+from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_write_json, fingerprint, folder_fingerprint, output_lock, require_same_run
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.runtime import resolve_device
@@ -82,6 +82,11 @@ def check_inputs(config: PipelineConfig) -> None:
         path = getattr(config, role)
         if path is not None:
             LabeledFolder(path).card.require(config.tasks, f"{path} (the {role} dataset)")
+    classes = LabeledFolder(config.labeled).card.classes or []
+    unknown = [c for c in config.generation.min_class_fraction if c not in classes]
+    if unknown:
+        raise UsageError(f"config generation.min_class_fraction: {', '.join(unknown)} is not a class of "
+                         f"{config.labeled} ({', '.join(classes)})")
     if config.transfer and config.validation is None:
         raise DatasetError("config: the transfer baseline needs a validation set (set validation, or transfer: "
                            "false); its training images cannot select its own checkpoint")
@@ -181,7 +186,9 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         model = load_label_generator(lg_dir, generator=G, device=device)
         generate_dataset(model, dataset, GenerationConfig(n=gen.n, seed=config.seed, truncation=gen.truncation,
                                                           filter_top=gen.filter_top, filter_by=gen.filter_by,
-                                                          batch=gen.batch, fmt=gen.format),
+                                                          batch=gen.batch, fmt=gen.format,
+                                                          keep_filtered=gen.keep_filtered,
+                                                          min_class_fraction=gen.min_class_fraction),
                          progress=progress, source=label_generator_source(lg_dir))
 
     stage("generation", (dataset / "dataset.json").exists(), generate)
