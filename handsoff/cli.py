@@ -423,9 +423,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a "
-                                     "handful of labeled real images.", epilog=PIPELINE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="handsoff", description="Labeled datasets from a pretrained GAN and a handful of labeled "
+                    "real images.", epilog=PIPELINE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also "
                         "HANDSOFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

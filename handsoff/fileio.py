@@ -80,7 +80,7 @@ def check_model_folder(out_dir: str | os.PathLike, kind: str) -> None:
     if not isinstance(old, dict) or _kind(old) != kind:
         what = _kind(old) if isinstance(old, dict) else "not a handsoff model folder"
         raise OutputError(f"{out_dir}: holds another kind of folder ({what}), not a {kind}; handsoff will not "
-                              "overwrite it, choose another output folder")
+                          "overwrite it, choose another output folder")
 
 
 def require_same_run(state_path: str | os.PathLike, saved: dict, current: dict, what: str) -> None:

@@ -371,7 +371,7 @@ def _check_resume(run: Path, config: TrainingConfig) -> None:
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(changed))
         raise TrainingError(f"{run / CONFIG_FILE}: cannot resume with a different training config ({details}); "
-                         "use another --out, or the saved settings")
+                            "use another --out, or the saved settings")
 
 
 def _truncate_log(path: Path, images_seen: int) -> None:

@@ -95,7 +95,7 @@ def vgg16_features() -> nn.Sequential:
 def _load_state(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} weights not found (handsoff never downloads weights; give a local "
-                                "file)")
+                              "file)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -170,7 +170,7 @@ def build_perceptual(kind: str, discriminator: nn.Module | None = None, lpips_vg
     if kind == "discriminator":
         if discriminator is None:
             raise CheckpointError("the discriminator-feature distance needs a checkpoint that holds a discriminator; "
-                             "use --perceptual lpips with local weights instead")
+                                  "use --perceptual lpips with local weights instead")
         return DiscriminatorFeatureDistance(discriminator)
     if kind == "lpips":
         if not lpips_vgg or not lpips_lin:

@@ -73,7 +73,7 @@ class Segmentation:
         mask = sample["mask"]
         if mask.shape != (size, size):
             raise DataError(f"{sample['name']}: mask is {mask.shape[1]}x{mask.shape[0]}, labels must be "
-                             f"{size}x{size}")
+                            f"{size}x{size}")
         return torch.from_numpy(self.clean_mask(mask).astype(np.int64)).reshape(-1)
 
     def targets(self, prepared: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -221,7 +221,7 @@ class Depth:
         depth = torch.from_numpy(np.asarray(sample["depth"], np.float32))
         if depth.shape != (size, size):
             raise DataError(f"{sample['name']}: depth is {depth.shape[1]}x{depth.shape[0]}, labels must be "
-                             f"{size}x{size}")
+                            f"{size}x{size}")
         valid = torch.isfinite(depth) & (depth > 0)
         t = torch.where(valid, self.forward_transform(torch.where(valid, depth, torch.ones_like(depth))),
                         torch.full_like(depth, float("nan")))
