@@ -11,7 +11,7 @@ import yaml
 from conftest import networks_16px
 
 from handsoff.cli import main
-from handsoff.data.layout import DatasetError
+from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.domains.heads import SPLIT_SEEDS, write_heads_dataset
 from handsoff.generator import save_networks
 from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
@@ -183,3 +183,17 @@ def test_readme_config_example_is_valid(tmp_path):
     assert config.tasks == ["seg"] and config.generation.n == 10000
     assert config.downstream.backbone_weights == tmp_path / "weights/resnet50-0676ba61.pth"
     assert config.generator == str(tmp_path / "checkpoints/stylegan2-car-config-f.pkl")
+
+
+def test_labeled_images_larger_than_the_generator(domain, tmp_path):
+    """Labeled images (and masks) at 32 px for a 16 px generator: inversion resizes the images, the label generator
+    predicts at the masks' 32 px, and the generated dataset and every network work at 32 px."""
+    _, paths = domain
+    large = {role: str(write_heads_dataset(tmp_path / role, 4, seed=SPLIT_SEEDS[role], size=32, progress=False))
+             for role in ("labeled", "validation", "test")}
+    config = PipelineConfig.model_validate({**_config(tmp_path / "run", {**paths, **large}), "curve": [],
+                                            "oracle": None})
+    results = run_pipeline(config, progress=False)
+    sample = LabeledFolder(tmp_path / "run" / "dataset").load(LabeledFolder(tmp_path / "run" / "dataset").names[0])
+    assert sample["image"].shape == (32, 32, 3) and sample["mask"].shape == (32, 32)
+    assert set(results["methods"]) == {"handsoff", "transfer"}

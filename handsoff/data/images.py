@@ -15,13 +15,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 class ImageFolder:
     """The images of a folder (its ``images/`` subfolder if it is a handsoff labeled dataset), read lazily.
 
-    Every image must be ``resolution`` x ``resolution`` and readable as 8-bit RGB
-    (``layout.to_rgb8``: grey, palette and 16-bit images convert exactly); anything else is an error naming the file.
-    ``batch(indices)`` returns (B, 3, R, R) float32 in [-1, 1]; ``names`` are the file stems
-    (relative paths without suffix for images in subfolders).
+    Every image must be readable as 8-bit RGB (``layout.to_rgb8``: grey, palette and 16-bit images convert
+    exactly) and ``resolution`` x ``resolution``, or, with ``resize``, square of any size (then resized with a
+    Lanczos filter, antialiased when shrinking: labeled images for inversion, whose masks stay at the label
+    resolution); anything else is an error naming the file. ``batch(indices)`` returns (B, 3, R, R) float32 in
+    [-1, 1]; ``names`` are the file stems (relative paths without suffix for images in subfolders).
     """
 
-    def __init__(self, root: str | Path, resolution: int):
+    def __init__(self, root: str | Path, resolution: int, resize: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"{root}: image folder does not exist")
@@ -29,7 +30,7 @@ class ImageFolder:
         self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise DatasetError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-        self.root, self.resolution = folder, resolution
+        self.root, self.resolution, self.resize = folder, resolution, resize
         # Names key latents and labels: the file stem, with its subfolder if it is in one (so they are unique).
         self.names = [p.relative_to(folder).with_suffix("").as_posix() for p in self.files]
 
@@ -39,11 +40,17 @@ class ImageFolder:
     def read(self, index: int) -> np.ndarray:
         path = self.files[index]
         array = read_image(path)
-        if array.shape != (self.resolution, self.resolution, 3):
-            raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, expected "
-                               f"{self.resolution}x{self.resolution} (the generator's resolution; resize the data "
-                               "first)")
-        return array
+        h, w = array.shape[:2]
+        if (h, w) == (self.resolution, self.resolution):
+            return array
+        if self.resize and h == w:
+            from PIL import Image
+
+            size = (self.resolution, self.resolution)
+            return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.LANCZOS))
+        raise DatasetError(f"{path}: image is {w}x{h}, expected {self.resolution}x{self.resolution}"
+                           + (" or any square size (crop it to a square first)" if self.resize else
+                              " (the generator's resolution; resize the data first)"))
 
     def batch(self, indices) -> torch.Tensor:
         arrays = np.stack([self.read(int(i)) for i in indices])

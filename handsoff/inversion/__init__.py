@@ -154,7 +154,7 @@ def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perc
     from handsoff.visualize import image_grid, save_image_atomic
 
     out = check_latents_path(out)
-    folder = ImageFolder(images_dir, G.img_resolution)
+    folder = ImageFolder(images_dir, G.img_resolution, resize=True)  # square images of any size
     images = folder.batch(range(len(folder)))
     t0 = time.perf_counter()
     result = invert_images(G, images, perceptual, encoder, progress=progress, **options)
