@@ -32,6 +32,9 @@ def atomic_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should get the usual permissions
     try:
         write(tmp)
         if path.exists():
