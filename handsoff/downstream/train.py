@@ -57,6 +57,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def require_same_labels(card, tasks: list[str], where, classes: list[str] | None,
+                        keypoint_names: list[str] | None, reference: str) -> None:
+    """Raise DatasetError naming ``where`` unless its card has labels for ``tasks`` with the ``reference``'s
+    classes (seg) and keypoint names (kp): every dataset a network trains, selects or is scored on must be labeled
+    the same way."""
+    card.require(tasks, where)
+    for key, task, expected in (("classes", "seg", classes), ("keypoint_names", "kp", keypoint_names)):
+        if task in tasks and getattr(card, key) != expected:
+            raise DatasetError(f"{where}: its {key.replace('_', ' ')} {getattr(card, key)} are not {reference}'s "
+                               f"{expected}; every dataset must be labeled the same way (remap with a mapping)")
+
+
 def one_cycle(step: int, total: int, warmup: float = 0.1) -> float:
     """Learning-rate factor at optimizer step ``step`` of ``total``: linear warm-up over the first ``warmup``
     share of the steps, then cosine decay to 0 at ``total``."""
@@ -192,13 +204,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     val_set = LabeledImageDataset(val_dir, size=size)
     card = train_sets[0].card
     for path, data in [*zip(train_dirs, train_sets), (val_dir, val_set)]:  # before any work
-        data.card.require(tasks, path)
-        if data.card.classes != card.classes and "seg" in tasks:
-            raise DatasetError(f"{path}: classes {data.card.classes} differ from {train_dirs[0]}'s {card.classes}; "
-                               "every dataset of a run must share one class list (remap with a mapping)")
-        if data.card.keypoint_names != card.keypoint_names and "kp" in tasks:
-            raise DatasetError(f"{path}: keypoints differ from {train_dirs[0]}'s; every dataset of a run must share "
-                               "them")
+        require_same_labels(data.card, tasks, path, card.classes, card.keypoint_names, str(train_dirs[0]))
     # What the run is: a resumed run must match it. The device may change (it says where, not what), and so may
     # epochs and patience (they say how long).
     identity = {"tasks": list(tasks), "train": [str(Path(d).resolve()) for d in train_dirs],
@@ -330,12 +336,8 @@ def evaluate_run(model_dir: str | os.PathLike, data: str | os.PathLike, out: str
 
     model, config = load_downstream(model_dir, device)
     dataset = LabeledImageDataset(data, size=config.get("size"))
-    tasks = config.get("tasks", [])
-    dataset.card.require(tasks, data)
-    for key, task in (("classes", "seg"), ("keypoint_names", "kp")):
-        if task in tasks and getattr(dataset.card, key) != config.get(key):
-            raise DatasetError(f"{data}: its {key.replace('_', ' ')} {getattr(dataset.card, key)} are not the "
-                               f"model's {config.get(key)}; evaluate on data labeled the same way")
+    require_same_labels(dataset.card, config.get("tasks", []), data, config.get("classes"),
+                        config.get("keypoint_names"), "the model")
     depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
     metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"),
                              sigma=config.get("sigma", KEYPOINT_SIGMA),

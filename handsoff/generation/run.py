@@ -166,9 +166,7 @@ def _percentiles(values: np.ndarray) -> np.ndarray:
 
 def filter_scores(entries: list[dict], filter_by: str) -> np.ndarray:
     """The filter score of each entry: a task's rank percentile, or the mean of all tasks' ('combined')."""
-    tasks = list(entries[0]["scores"])
-    if filter_by != "combined" and filter_by not in tasks:
-        raise UsageError(f"cannot filter by {filter_by!r}: the label generator's tasks are {tasks}")
+    tasks = list(entries[0]["scores"])  # filter_by is one of them or 'combined' (``check_config``)
     use = tasks if filter_by == "combined" else [filter_by]
     return np.mean([_percentiles(np.array([e["scores"][t] for e in entries])) for t in use], axis=0)
 
@@ -191,15 +189,16 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
 
     Rank 0 holds the lock on ``out`` for the whole run (the other ranks of a torchrun job write into it too)."""
     seg = next((t for t in model.tasks if t.name == "seg"), None)
-    check_config(config, [t.name for t in model.tasks], seg.classes if seg is not None else [])
+    classes = seg.classes if seg is not None else []
+    check_config(config, [t.name for t in model.tasks], classes)
     out = Path(out)
     rank, world = _distributed()
     with output_lock(out) if rank == 0 else contextlib.nullcontext():
-        return _generate(model, out, config, rank, world, progress, source)
+        return _generate(model, out, config, classes, rank, world, progress, source)
 
 
-def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int, progress: bool,
-              source: dict | None) -> Path | None:
+def _generate(model, out: Path, config: GenerationConfig, classes: list[str], rank: int, world: int,
+              progress: bool, source: dict | None) -> Path | None:
     settings = dataclasses.asdict(config)
     settings_path = out / PROGRESS_DIR / "config.json"
     # What produced the samples: the label generator's and the generator's weights. A run resumed (or a dataset
@@ -233,8 +232,7 @@ def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int,
     if (out / "dataset.json").exists():
         return out if rank == 0 else None
 
-    seg = next((t for t in model.tasks if t.name == "seg"), None)
-    classes = seg.classes if seg is not None else []
+    present = presence_pixels(model.label_size ** 2)  # pixels that make a class present in a sample
     n_batches = math.ceil(config.n / config.batch)
     first = 0
     while True:  # rounds: one without quotas; more while a class quota is not yet full
@@ -247,14 +245,14 @@ def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int,
         _barrier(world)
         records = _read_records(out, range(n_batches))
         entries = [e for b in sorted(records) for e in records[b]["samples"]]
-        _, full = _quota_selection(entries, config, classes, presence_pixels(model.label_size ** 2))
+        _, full = _quota_selection(entries, config, classes, present)
         if full or not config.min_class_fraction:
             break
         # Not enough samples of the class yet: extend the candidate range by what the rate so far suggests, up to
         # MAX_CANDIDATES_PER_SAMPLE * n candidates (a class the generator never draws would otherwise never end).
         (name, fraction), = config.min_class_fraction.items()
         cls = classes.index(name)
-        found = int(sum(e["class_pixels"][cls] >= presence_pixels(model.label_size ** 2) for e in entries))
+        found = int(sum(e["class_pixels"][cls] >= present for e in entries))
         limit = math.ceil(MAX_CANDIDATES_PER_SAMPLE * config.n / config.batch)
         if n_batches >= limit:
             raise UsageError(f"--min-class-fraction {name}={fraction:g}: {found} of {len(entries)} candidates "
@@ -266,12 +264,12 @@ def _generate(model, out: Path, config: GenerationConfig, rank: int, world: int,
         first, n_batches = n_batches, min(limit, n_batches + math.ceil(extra / config.batch))
     if rank != 0:
         return None
-    return _finalize(model, out, config, entries, classes, {**(source or {}), "producer": producer})
+    return _finalize(model, out, config, entries, classes, present, {**(source or {}), "producer": producer})
 
 
-def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], classes: list[str],
+def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], classes: list[str], present: int,
               source: dict) -> Path:
-    chosen, _ = _quota_selection(entries, config, classes, presence_pixels(model.label_size ** 2))
+    chosen, _ = _quota_selection(entries, config, classes, present)
     chosen_set = set(chosen)
     selected = [e for e in entries if e["index"] in chosen_set]
     scores = filter_scores(selected, config.filter_by)
@@ -306,7 +304,7 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
                 f.unlink(missing_ok=True)
 
     kept = [e for e in selected if e["index"] not in dropped]
-    card = _card(model, config, kept, manifest, classes, source)
+    card = _card(model, config, kept, manifest, classes, present, source)
     if card.keypoint_names is not None:
         _write_coco(out, card, model, kept)
     if config.fmt == "webdataset":
@@ -317,7 +315,7 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
     return out
 
 
-def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict], classes: list[str],
+def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict], classes: list[str], present: int,
           source: dict) -> DatasetCard:
     tasks = {t.name: t for t in model.tasks}
     counts = {s: sum(r["status"] == s for r in manifest) for s in ("kept", "filtered", "rejected", "surplus")}
@@ -326,8 +324,7 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
     if classes:
         pixels = np.array([e["class_pixels"] for e in kept], np.float64)
         stats["class_pixel_share"] = dict(zip(classes, (pixels.sum(0) / max(pixels.sum(), 1)).round(6).tolist()))
-        present = pixels >= presence_pixels(model.label_size ** 2)
-        stats["class_image_share"] = dict(zip(classes, present.mean(0).round(6).tolist()))
+        stats["class_image_share"] = dict(zip(classes, (pixels >= present).mean(0).round(6).tolist()))
     kp = tasks.get("kp")
     lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
                  "generator": model.generator_ref, "producer": source.get("producer"), "statistics": stats}

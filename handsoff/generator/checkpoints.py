@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from handsoff.errors import DataError, OutputError
-from handsoff.fileio import atomic_folder
+from handsoff.fileio import atomic_folder, check_model_folder
 from handsoff.generator import ops
 from handsoff.generator.networks import Discriminator, Generator
 
@@ -128,13 +128,10 @@ def save_networks(out_dir: str | os.PathLike, generator: Generator, discriminato
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir}: already exists (pass overwrite=True / --force to replace it)")
     if out_dir.exists() and any(out_dir.iterdir()):  # replaced as a whole: only ever a generator folder
-        try:
-            ours = json.loads((out_dir / "config.json").read_text()).get("format") == FORMAT_NAME
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+        if not (out_dir / "config.json").is_file():
             raise OutputError(f"{out_dir}: is not a handsoff generator folder; --force replaces only those, "
                               "choose another output")
+        check_model_folder(out_dir, FORMAT_NAME)
     tensors = {f"G.{k}": v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     if discriminator is not None:
         tensors.update({f"D.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()})

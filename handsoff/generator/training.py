@@ -47,7 +47,7 @@ from handsoff.runtime import resolve_device
 
 STATE_DIR = "state"
 LEGACY_STATE_FILE = "state.pt"
-_STATE_FILES = {"opt_G": "opt_G", "opt_D": "opt_D"}  # top-level state key -> file; everything else: networks
+_OWN_FILE = ("opt_G", "opt_D")  # state keys saved in a file of their own; everything else goes to "networks"
 CONFIG_FILE = "training.json"
 LOG_FILE = "log.jsonl"
 
@@ -414,7 +414,7 @@ def save_training_state(state: dict, folder: Path) -> Path:
 
     def write(tmp: Path) -> None:
         groups: dict[str, dict] = {}
-        skeleton = {top: _encode(value, top, groups.setdefault(_STATE_FILES.get(top, "networks"), {}))
+        skeleton = {top: _encode(value, top, groups.setdefault(top if top in _OWN_FILE else "networks", {}))
                     for top, value in state.items()}
         for name, tensors in groups.items():
             save_file(tensors, tmp / f"{name}.safetensors")

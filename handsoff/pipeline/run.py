@@ -78,11 +78,11 @@ def check_inputs(config: PipelineConfig) -> None:
     for key, path in files.items():
         if path is not None and not Path(path).exists():
             raise MissingInputError(f"{path}: not found (config {key})")
-    for role in ("labeled", "validation", "test", "oracle"):
-        path = getattr(config, role)
-        if path is not None:
-            LabeledFolder(path).card.require(config.tasks, f"{path} (the {role} dataset)")
-    classes = LabeledFolder(config.labeled).card.classes or []
+    cards = {role: LabeledFolder(getattr(config, role)).card for role in ("labeled", "validation", "test", "oracle")
+             if getattr(config, role) is not None}
+    for role, card in cards.items():
+        card.require(config.tasks, f"{getattr(config, role)} (the {role} dataset)")
+    classes = cards["labeled"].classes or []
     unknown = [c for c in config.generation.min_class_fraction if c not in classes]
     if unknown:
         raise UsageError(f"config generation.min_class_fraction: {', '.join(unknown)} is not a class of "
