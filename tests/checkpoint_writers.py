@@ -117,36 +117,23 @@ def _reconstruct_persistent_obj(meta):  # placeholder with the public name; neve
     raise AssertionError("the reader must not call the pickled reconstruct function")
 
 
-def _module_tree(module, prefix_filter=None):
-    """Turn one of our modules into nested PersistentModule objects with NVIDIA's attribute names."""
+def _module_tree(module, stylegan2_filters=True):
+    """Turn one of our modules into nested PersistentModule objects with NVIDIA's attribute names.
+
+    Class names are bare, as ``torch_utils.persistence`` records them (``Generator``, not a dotted path).
+    """
     params = [(n, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
               for n, p in module.named_parameters(recurse=False)]
     buffers = [(n, b.detach().clone()) for n, b in module.named_buffers(recurse=False)]
-    children = [(n, _module_tree(c)) for n, c in module.named_children()]
+    children = [(n, _module_tree(c, stylegan2_filters)) for n, c in module.named_children()]
     name = type(module).__name__
-    if name in ("SynthesisLayer", "SynthesisBlock", "Conv2dLayer", "DiscriminatorBlock"):
-        buffers.append(("resample_filter", KERNEL.clone()))  # NVIDIA modules carry their filter as a buffer
-    return PersistentModule(f"training.networks.{name}", params, buffers, children)
+    if stylegan2_filters and name in ("SynthesisLayer", "SynthesisBlock", "Conv2dLayer", "DiscriminatorBlock"):
+        buffers.append(("resample_filter", KERNEL.clone()))  # NVIDIA's StyleGAN2 modules carry their filter
+    return PersistentModule(name, params, buffers, children)
 
 
-def write_nvidia_pickle(path, G, D=None, class_name="training.networks.Generator", extra_globals=None):
-    """A stylegan2-ada-pytorch snapshot pickle {G, D, G_ema, augment_pipe, training_set_kwargs}."""
-    g_tree = _module_tree(G)
-    g_tree.class_name = class_name
-    g_tree.state["_init_kwargs"] = dict(
-        z_dim=G.z_dim, c_dim=0, w_dim=G.w_dim, img_resolution=G.img_resolution, img_channels=G.img_channels,
-        mapping_kwargs=dict(num_layers=G.mapping.n_mlp),
-        synthesis_kwargs=dict(channel_base=G.config["channel_base"], channel_max=G.config["channel_max"],
-                              num_fp16_res=G.config["num_fp16_res"], conv_clamp=G.config["conv_clamp"]))
-    data = {"G": g_tree, "G_ema": g_tree, "augment_pipe": None, "training_set_kwargs": {"resolution": 64}}
-    if D is not None:
-        d_tree = _module_tree(D)
-        d_tree.class_name = "training.networks.Discriminator"
-        d_tree.state["_init_kwargs"] = dict(c_dim=0, img_resolution=D.resolution, architecture="resnet",
-                                            epilogue_kwargs=dict(mbstd_group_size=D.config["mbstd_group_size"]))
-        data["D"] = d_tree
-    if extra_globals is not None:
-        data["extra"] = extra_globals
+def _dump_with_persistence(path, data):
+    """Pickle ``data`` with ``torch_utils.persistence._reconstruct_persistent_obj`` as the reduce function's name."""
     persistence = types.ModuleType("torch_utils.persistence")
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
@@ -164,13 +151,53 @@ def write_nvidia_pickle(path, G, D=None, class_name="training.networks.Generator
                 sys.modules[k] = v
 
 
+def write_nvidia_pickle(path, G, D=None, class_name="Generator", extra_globals=None):
+    """A stylegan2-ada-pytorch snapshot pickle {G, D, G_ema, augment_pipe, training_set_kwargs}."""
+    g_tree = _module_tree(G)
+    g_tree.class_name = class_name
+    g_tree.state["_init_kwargs"] = dict(
+        z_dim=G.z_dim, c_dim=0, w_dim=G.w_dim, img_resolution=G.img_resolution, img_channels=G.img_channels,
+        mapping_kwargs=dict(num_layers=G.mapping.n_mlp),
+        synthesis_kwargs=dict(channel_base=G.config["channel_base"], channel_max=G.config["channel_max"],
+                              num_fp16_res=G.config["num_fp16_res"], conv_clamp=G.config["conv_clamp"]))
+    data = {"G": g_tree, "G_ema": g_tree, "augment_pipe": None, "training_set_kwargs": {"resolution": 64}}
+    if D is not None:
+        d_tree = _module_tree(D)
+        d_tree.class_name = "Discriminator"
+        d_tree.state["_init_kwargs"] = dict(c_dim=0, img_resolution=D.resolution, architecture="resnet",
+                                            epilogue_kwargs=dict(mbstd_group_size=D.config["mbstd_group_size"]))
+        data["D"] = d_tree
+    if extra_globals is not None:
+        data["extra"] = extra_globals
+    _dump_with_persistence(path, data)
+
+
+def write_nvidia_stylegan3_pickle(path, G):
+    """A stylegan3 snapshot pickle of config 't' or 'r' (G's config says which), constructor arguments recorded the
+    way NVIDIA's train.py passes them: synthesis arguments at the top level, the mapping depth in mapping_kwargs."""
+    c = G.config
+    g_tree = _module_tree(G, stylegan2_filters=False)
+    g_tree.class_name = "Generator"
+    g_tree.state["_init_kwargs"] = dict(
+        z_dim=G.z_dim, c_dim=0, w_dim=G.w_dim, img_resolution=G.img_resolution, img_channels=G.img_channels,
+        mapping_kwargs=dict(num_layers=c["n_mlp"]), channel_base=c["channel_base"], channel_max=c["channel_max"],
+        magnitude_ema_beta=0.999, conv_kernel=c["conv_kernel"], use_radial_filters=c["use_radial_filters"],
+        num_layers=c["num_layers"], margin_size=c["margin_size"], conv_clamp=c["conv_clamp"])
+    _dump_with_persistence(path, {"G": g_tree, "G_ema": g_tree, "D": None, "augment_pipe": None,
+                                  "training_set_kwargs": {"resolution": G.img_resolution}})
+
+
 def randomize(module, seed=0, scale=0.1):
-    """Give zero-initialized biases and noise strengths random values so that every path is exercised."""
+    """Give zero-initialized biases and noise strengths, and StyleGAN3's input-magnitude averages (1 at init),
+    random values so that every path is exercised."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias") or name.endswith("noise_strength"):
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
+        for name, b in module.named_buffers():
+            if name.endswith("magnitude_ema"):
+                b.fill_(0.5 + torch.rand([], generator=gen).item())
         if hasattr(module, "mapping"):
             module.mapping.w_avg.copy_(torch.randn(module.w_dim, generator=gen) * scale)
     return module

@@ -2,7 +2,7 @@ import pytest
 import torch
 from checkpoint_writers import randomize
 
-from handsoff.generator import Discriminator, Generator
+from handsoff.generator import Discriminator, Generator, StyleGAN3Generator
 
 # Device-agnostic tests run on each of these: CUDA where present, reported as skipped (never failed) without it.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -19,6 +19,26 @@ def networks_16px() -> tuple[Generator, Discriminator]:
                   seed=1).eval()
     G.mapping.update_w_avg(seed=0)
     return G, randomize(Discriminator(resolution=16, channel_base=256, channel_max=16), seed=2).eval()
+
+
+# StyleGAN3 configs 't' and 'r' at 16 px: four layers (two critically sampled), narrow widths.
+STYLEGAN3_16PX = {
+    "t": dict(resolution=16, z_dim=16, w_dim=16, n_mlp=1, channel_base=256, channel_max=16, num_layers=4),
+    "r": dict(resolution=16, z_dim=16, w_dim=16, n_mlp=1, channel_base=512, channel_max=32, num_layers=4,
+              conv_kernel=1, use_radial_filters=True),
+}
+
+
+def stylegan3_16px(config: str = "t") -> StyleGAN3Generator:
+    """A random but fixed StyleGAN3 generator (w_avg estimated, input rotated) that runs the pipeline in seconds."""
+    torch.manual_seed(0)
+    G = randomize(StyleGAN3Generator(**STYLEGAN3_16PX[config]), seed=1).eval()
+    with torch.no_grad():  # a user transform, so that its path is exercised too
+        angle = torch.tensor(0.3)
+        G.synthesis.input.transform.copy_(torch.tensor([[angle.cos(), -angle.sin(), 0.05],
+                                                         [angle.sin(), angle.cos(), -0.1], [0.0, 0.0, 1.0]]))
+    G.mapping.update_w_avg(seed=0)
+    return G
 
 
 @pytest.fixture

@@ -1,16 +1,18 @@
-"""Reading and writing StyleGAN2 checkpoints.
+"""Reading and writing generator checkpoints (StyleGAN2 and StyleGAN3).
 
-Three formats load into the same ``Generator`` / ``Discriminator`` modules:
+Three formats load into the same modules (``Generator`` or ``StyleGAN3Generator``, and ``Discriminator``):
 
 * handsoff's own: a directory with ``config.json`` and ``model.safetensors`` (keys ``G.*`` and ``D.*``);
 * rosinality/stylegan2-pytorch ``.pt`` files (``g_ema``, ``latent_avg``, optional ``g``, ``d``, ``args``,
   optimizer states), read with ``torch.load(weights_only=True)`` and only ``argparse.Namespace`` allow-listed;
-* NVIDIA stylegan2-ada-pytorch / stylegan3 (config "stylegan2") ``.pkl`` network pickles, read by a restricted
-  unpickler that rebuilds the tensor tree of each pickled network without importing or running the module
-  source stored in the pickle.
+* NVIDIA stylegan2-ada-pytorch / stylegan3 (configs "stylegan2", "stylegan3-t", "stylegan3-r") ``.pkl`` network
+  pickles, read by a restricted unpickler that rebuilds the tensor tree of each pickled network without importing
+  or running the module source stored in the pickle.
 
-The network config (resolution, widths, mapping depth) is inferred from the tensors, so no side information is
-needed. Shipped generators (``handsoff/weights/NAME``) load by name.
+A StyleGAN2 config (resolution, widths, mapping depth) is inferred from the tensors, so no side information is
+needed; a StyleGAN3 config comes from the constructor arguments the pickle records (its signal schedule cannot be
+read off tensor shapes) and is then checked against the tensors. Shipped generators (``handsoff/weights/NAME``)
+load by name.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from handsoff.errors import DataError, OutputError
 from handsoff.fileio import atomic_folder, check_model_folder
 from handsoff.generator import ops
 from handsoff.generator.networks import Discriminator, Generator
+from handsoff.generator.stylegan3 import StyleGAN3Generator
+
+# The generator classes by ``config["architecture"]`` (absent means StyleGAN2: configs written before StyleGAN3).
+ARCHITECTURES = {"stylegan2": Generator, "stylegan3": StyleGAN3Generator}
 
 FORMAT_NAME = "handsoff-stylegan2"
 FORMAT_VERSION = 1
@@ -91,13 +97,15 @@ def load_networks(path_or_name: str | os.PathLike, device: str | torch.device = 
     fmt = detect_format(path)
     reader = {"handsoff": _read_handsoff, "rosinality": _read_rosinality, "nvidia": _read_nvidia}[fmt]
     g_state, g_hints, d_state, d_hints = reader(path)
-    g_config = {**infer_generator_config(g_state, path), **g_hints, **overrides}
+    cls = generator_class(g_hints, path)
+    inferred = infer_generator_config(g_state, path) if cls is Generator else {}
+    g_config = {**inferred, **g_hints, **overrides}
     estimate_w_avg = "mapping.w_avg" not in g_state
     if estimate_w_avg:
         warnings.warn(f"{path}: no average latent stored; w_avg is estimated from 10,000 seeded samples",
                       stacklevel=2)
         g_state = {**g_state, "mapping.w_avg": torch.zeros(g_config["w_dim"])}
-    G = _build(Generator, g_state, g_config, path)
+    G = _build(cls, g_state, g_config, path)
     if estimate_w_avg:
         G.mapping.update_w_avg()
     D = None
@@ -106,6 +114,14 @@ def load_networks(path_or_name: str | os.PathLike, device: str | torch.device = 
                    path)
     G.eval().requires_grad_(False)
     return Networks(G.to(device), D.to(device) if D is not None else None, fmt, path)
+
+
+def generator_class(config: dict, path: Path | str = "config") -> type:
+    """The network class a generator config describes (``architecture``, StyleGAN2 when absent)."""
+    name = config.get("architecture", "stylegan2")
+    if name not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown generator architecture {name!r} (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[name]
 
 
 def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Generator:
@@ -228,7 +244,7 @@ def _summarize(keys, limit: int = 12) -> str:
 
 def _build(cls, state: dict[str, torch.Tensor], config: dict, path: Path):
     try:
-        net = cls(**config)
+        net = cls(**{k: v for k, v in config.items() if k != "architecture"})  # the class is the architecture
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: inferred {cls.__name__} config {config} is invalid: {e}") from None
     expected = net.state_dict()
@@ -536,14 +552,49 @@ def _read_nvidia(path: Path):
     net = data.get("G_ema") or data["G"]
     if not isinstance(net, PersistentObject):
         raise CheckpointError(f"{path}: G_ema is not a persistent network object")
-    if net.class_name.endswith("networks_stylegan3.Generator"):
-        raise CheckpointError(f"{path}: StyleGAN3 ('t'/'r') generators are not supported yet; "
-                              "only config 'stylegan2' networks load")
     if not net.class_name.endswith("Generator"):
-        raise CheckpointError(f"{path}: G_ema is a {net.class_name}, expected a StyleGAN2 Generator")
+        raise CheckpointError(f"{path}: G_ema is a {net.class_name}, expected a StyleGAN2 or StyleGAN3 Generator")
     kwargs = _init_kwargs(net)
     if kwargs.get("c_dim", 0):
         raise CheckpointError(f"{path}: conditional generators (c_dim={kwargs['c_dim']}) are not supported")
+    # The pickled class name is the bare "Generator" for both; StyleGAN3 is told apart by its Fourier input.
+    if "synthesis.input.freqs" in flatten_persistent(net):
+        g_state, g_hints = flatten_persistent(net), _stylegan3_config(kwargs, path)
+    else:
+        g_state, g_hints = _stylegan2_generator(net, kwargs, path)
+    d_state, d_hints = _nvidia_discriminator(data.get("D"), path)
+    return g_state, g_hints, d_state, d_hints
+
+
+# Constructor arguments of NVIDIA's StyleGAN3 SynthesisNetwork / SynthesisLayer that our class takes by the same name.
+_STYLEGAN3_SYNTHESIS_KEYS = ("channel_base", "channel_max", "num_layers", "num_critical", "first_cutoff",
+                             "first_stopband", "last_stopband_rel", "margin_size", "output_scale", "conv_kernel",
+                             "filter_size", "lrelu_upsampling", "use_radial_filters", "num_fp16_res", "conv_clamp")
+
+
+def _stylegan3_config(kwargs: dict, path: Path) -> dict:
+    """Our StyleGAN3Generator config from the constructor arguments an NVIDIA stylegan3 pickle records.
+
+    Their training script passes the synthesis arguments at the top level (``Generator(**synthesis_kwargs)``);
+    a nested ``synthesis_kwargs`` is accepted too. Arguments not recorded take NVIDIA's defaults.
+    """
+    try:
+        synthesis = {**kwargs, **dict(kwargs.get("synthesis_kwargs") or {})}
+        mapping = dict(kwargs.get("mapping_kwargs") or {})
+        config = dict(architecture="stylegan3", resolution=int(kwargs["img_resolution"]), z_dim=int(kwargs["z_dim"]),
+                      w_dim=int(kwargs["w_dim"]), img_channels=int(kwargs["img_channels"]),
+                      n_mlp=int(mapping.get("num_layers", 2)), mapping_lr_mul=float(mapping.get("lr_multiplier", 0.01)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the StyleGAN3 generator's recorded arguments lack {e}; found "
+                              f"{_summarize(kwargs)}") from None
+    for key in _STYLEGAN3_SYNTHESIS_KEYS:
+        if key in synthesis:
+            value = synthesis[key]
+            config[key] = value.item() if hasattr(value, "item") else value  # numpy scalars -> JSON-able
+    return config
+
+
+def _stylegan2_generator(net: PersistentObject, kwargs: dict, path: Path) -> tuple[dict, dict]:
     synthesis_kwargs = dict(kwargs.get("synthesis_kwargs") or {})
     if synthesis_kwargs.get("architecture", "skip") != "skip":
         raise CheckpointError(f"{path}: generator architecture {synthesis_kwargs['architecture']!r} is not "
@@ -553,9 +604,12 @@ def _read_nvidia(path: Path):
     mapping_kwargs = dict(kwargs.get("mapping_kwargs") or {})
     if "lr_multiplier" in mapping_kwargs:
         g_hints["mapping_lr_mul"] = mapping_kwargs["lr_multiplier"]
+    return g_state, g_hints
 
+
+def _nvidia_discriminator(d, path: Path) -> tuple[dict | None, dict]:
+    """The StyleGAN2 discriminator of a pickle (stylegan3 trains both configs with it), or (None, {})."""
     d_state, d_hints = None, {}
-    d = data.get("D")
     if isinstance(d, PersistentObject):
         d_kwargs = _init_kwargs(d)
         if d_kwargs.get("c_dim", 0) or d_kwargs.get("architecture", "resnet") != "resnet":
@@ -566,4 +620,4 @@ def _read_nvidia(path: Path):
             epilogue = dict(d_kwargs.get("epilogue_kwargs") or {})
             if "mbstd_group_size" in epilogue:
                 d_hints["mbstd_group_size"] = epilogue["mbstd_group_size"]
-    return g_state, g_hints, d_state, d_hints
+    return d_state, d_hints
