@@ -3,8 +3,8 @@ import os
 import pickle
 
 import pytest
-import torch
 import stylegan3_reference
+import torch
 from checkpoint_writers import (
     rosinality_generator_state,
     write_nvidia_pickle,
