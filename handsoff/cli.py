@@ -16,6 +16,7 @@ from tqdm import tqdm
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
+from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.tasks import KEYPOINT_SIGMA
 from handsoff.runtime import resolve_device
 
@@ -36,7 +37,7 @@ SLIM_GENERATOR = dict(resolution=64, z_dim=256, w_dim=256, n_mlp=8, channel_base
 
 
 @torch.no_grad()
-def sample_images(G, n: int, seed: int, truncation: float, batch: int, force_fp32: bool = False) -> torch.Tensor:
+def sample_images(G: Trunk, n: int, seed: int, truncation: float, batch: int, force_fp32: bool = False) -> torch.Tensor:
     """n images (n, C, R, R) in [-1, 1] for sample indices 0..n-1 of ``seed``, with a progress bar."""
     from handsoff.generator import latents_for_seeds
 

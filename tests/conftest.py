@@ -29,10 +29,11 @@ STYLEGAN3_16PX = {
 }
 
 
-def stylegan3_16px(config: str = "t") -> StyleGAN3Generator:
-    """A random but fixed StyleGAN3 generator (w_avg estimated, input rotated) that runs the pipeline in seconds."""
+def stylegan3_16px(config: str = "t", **changes) -> StyleGAN3Generator:
+    """A random but fixed StyleGAN3 generator (w_avg estimated, input rotated) that runs the pipeline in seconds.
+    ``changes`` alter the config (``resolution=32`` gives feature maps at two sampling rates)."""
     torch.manual_seed(0)
-    G = randomize(StyleGAN3Generator(**STYLEGAN3_16PX[config]), seed=1).eval()
+    G = randomize(StyleGAN3Generator(**{**STYLEGAN3_16PX[config], **changes}), seed=1).eval()
     with torch.no_grad():  # a user transform, so that its path is exercised too
         angle = torch.tensor(0.3)
         G.synthesis.input.transform.copy_(torch.tensor([[angle.cos(), -angle.sin(), 0.05],

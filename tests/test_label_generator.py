@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, stylegan3_16px
 
 from handsoff.errors import OutputError
 from handsoff.label_generator import (
@@ -28,7 +28,11 @@ def _latents(G, n, seed=0):
 
 
 @pytest.mark.parametrize("label_size", [16, 64, 96])
-def test_factorized_first_layer_equals_materialized_hypercolumns(tiny_generator, label_size):
+@pytest.mark.parametrize("trunk", ["stylegan2", "stylegan3"])
+def test_factorized_first_layer_equals_materialized_hypercolumns(request, trunk, label_size):
+    # StyleGAN3 at 32 px: feature maps at sampling rates 16 and 32, cropped from grids with margins.
+    tiny_generator = request.getfixturevalue("tiny_generator") if trunk == "stylegan2" else stylegan3_16px(
+        "t", resolution=32)
     torch.manual_seed(0)
     model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"])], label_size, members=3, hidden=16,
                            hidden2=8).eval()

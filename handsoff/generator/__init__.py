@@ -12,8 +12,9 @@ from handsoff.generator.checkpoints import (
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.generator.stylegan3 import StyleGAN3Generator
+from handsoff.generator.trunk import Trunk
 
 __all__ = [
     "CheckpointError", "Discriminator", "Generator", "Networks", "latents_for_seeds", "load_discriminator",
-    "load_generator", "load_networks", "save_networks", "shipped_names", "StyleGAN3Generator",
+    "load_generator", "load_networks", "save_networks", "shipped_names", "StyleGAN3Generator", "Trunk",
 ]

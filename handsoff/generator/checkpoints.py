@@ -36,8 +36,10 @@ from handsoff.fileio import atomic_folder, check_model_folder
 from handsoff.generator import ops
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.stylegan3 import StyleGAN3Generator
+from handsoff.generator.trunk import Trunk
 
-# The generator classes by ``config["architecture"]`` (absent means StyleGAN2: configs written before StyleGAN3).
+# The trunk classes by ``config["architecture"]`` (absent means StyleGAN2: configs written before StyleGAN3).
+# A new generator registers here; see trunk.py.
 ARCHITECTURES = {"stylegan2": Generator, "stylegan3": StyleGAN3Generator}
 
 FORMAT_NAME = "handsoff-stylegan2"
@@ -55,7 +57,7 @@ class CheckpointError(DataError):
 class Networks:
     """What a checkpoint holds: the (EMA) generator, the discriminator if present, and where they came from."""
 
-    generator: Generator
+    generator: Trunk
     discriminator: Discriminator | None
     source_format: str
     path: Path
@@ -124,7 +126,7 @@ def generator_class(config: dict, path: Path | str = "config") -> type:
     return ARCHITECTURES[name]
 
 
-def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Generator:
+def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Trunk:
     """The generator of a checkpoint (EMA weights where the file has them), in eval mode, on ``device``."""
     return load_networks(path_or_name, device, **overrides).generator
 
@@ -137,7 +139,7 @@ def load_discriminator(path_or_name: str | os.PathLike, device: str | torch.devi
     return nets.discriminator
 
 
-def save_networks(out_dir: str | os.PathLike, generator: Generator, discriminator: Discriminator | None = None,
+def save_networks(out_dir: str | os.PathLike, generator: Trunk, discriminator: Discriminator | None = None,
                   metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` atomically (temporary dir, then rename)."""
     out_dir = Path(out_dir)

@@ -13,7 +13,7 @@ alias. The hypercolumn features are the input and every layer except ToRGB with 
 covers exactly the image, at ``sampling_rate`` pixels per side.
 
 Conventions as in ``networks.py``: images (B, 3, R, R) in about [-1, 1]; z (B, z_dim); W+ latents ``ws`` are
-(B, n_latent, w_dim) with n_latent = num_layers + 2 (the input, num_layers layers and ToRGB; one latent is unused).
+(B, n_latent, w_dim) with n_latent = num_layers + 2: one each for the Fourier input, the num_layers layers and ToRGB.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save
+from handsoff.generator.trunk import Trunk
 from handsoff.inversion.encoder import ReStyleEncoder, encode, load_encoder, save_encoder, train_encoder
 from handsoff.inversion.optimize import reconstruction_losses, refine_latents
 from handsoff.inversion.perceptual import LPIPS, DiscriminatorFeatureDistance, build_perceptual
@@ -34,7 +35,8 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _figures(G, ws: torch.Tensor, images: torch.Tensor, perceptual, batch: int = 32) -> tuple[dict, torch.Tensor]:
+def _figures(G: Trunk, ws: torch.Tensor, images: torch.Tensor, perceptual,
+             batch: int = 32) -> tuple[dict, torch.Tensor]:
     mse, perc, recon = [], [], []
     for i in range(0, len(images), batch):
         m, p, r = reconstruction_losses(G, ws[i:i + batch].to(G.w_avg.device), images[i:i + batch].to(G.w_avg.device),
@@ -46,7 +48,7 @@ def _figures(G, ws: torch.Tensor, images: torch.Tensor, perceptual, batch: int =
     return {"mse": mse_t, "psnr": psnr(mse_t), "perceptual": torch.cat(perc)}, torch.cat(recon)
 
 
-def invert_images(G, images: torch.Tensor, perceptual, encoder: ReStyleEncoder | None = None, *,
+def invert_images(G: Trunk, images: torch.Tensor, perceptual, encoder: ReStyleEncoder | None = None, *,
                   steps: int = 500, lr: float = 0.1, lambda_perceptual: float = 10.0, lambda_mse: float = 1.0,
                   lambda_reg: float = 1.0, batch: int = 16, progress: bool = True) -> dict:
     """Invert images (N, 3, R, R) in [-1, 1].
@@ -139,7 +141,7 @@ def check_latents_path(out: str | os.PathLike) -> Path:
     return out
 
 
-def invert_folder(G, images_dir: str | os.PathLike, out: str | os.PathLike, perceptual, encoder=None, *,
+def invert_folder(G: Trunk, images_dir: str | os.PathLike, out: str | os.PathLike, perceptual, encoder=None, *,
                   settings: dict | None = None, sheet_rows: int = 16, progress: bool = True, **options) -> dict:
     """Invert every image of a folder (or labeled dataset) and write the results beside ``out``.
 

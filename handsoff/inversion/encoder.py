@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from handsoff.fileio import read_weights_folder, save_weights_folder
+from handsoff.generator.trunk import Trunk
 
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -68,7 +69,7 @@ class ReStyleEncoder(nn.Module):
         return self.head(x).reshape(len(images), self.config["n_latent"], self.config["w_dim"])
 
 
-def encode(encoder: ReStyleEncoder, G, images: torch.Tensor, iterations: int | None = None,
+def encode(encoder: ReStyleEncoder, G: Trunk, images: torch.Tensor, iterations: int | None = None,
            return_all: bool = False):
     """Run the ReStyle iterations: W+ (B, n_latent, w_dim) for images (B, 3, R, R) in [-1, 1].
 
@@ -84,7 +85,7 @@ def encode(encoder: ReStyleEncoder, G, images: torch.Tensor, iterations: int | N
     return (ws, history) if return_all else ws
 
 
-def sample_training_latents(G, batch: int, generator: torch.Generator) -> torch.Tensor:
+def sample_training_latents(G: Trunk, batch: int, generator: torch.Generator) -> torch.Tensor:
     """W+ latents with truncation psi ~ U(0.5, 1) per sample and style mixing with probability 0.5."""
     device = G.w_avg.device
     z = torch.randn(batch, G.z_dim, generator=generator).to(device)
@@ -100,7 +101,7 @@ def sample_training_latents(G, batch: int, generator: torch.Generator) -> torch.
     return G.w_avg + psi * (ws - G.w_avg)
 
 
-def train_encoder(G, perceptual: nn.Module | None, *, steps: int = 2000, batch: int = 16, lr: float = 1e-3,
+def train_encoder(G: Trunk, perceptual: nn.Module | None, *, steps: int = 2000, batch: int = 16, lr: float = 1e-3,
                   iterations: int = 5, width: int = 32, lambda_latent: float = 1.0, lambda_mse: float = 1.0,
                   lambda_perceptual: float = 1.0, seed: int = 0, progress: bool = True,
                   encoder: ReStyleEncoder | None = None, log: list | None = None) -> ReStyleEncoder:

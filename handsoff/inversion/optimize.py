@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from handsoff.generator.trunk import Trunk
+
 
 def learning_rate(step: int, steps: int, peak: float, rampup: float = 0.05, rampdown: float = 0.25) -> float:
     """The schedule at ``step`` of ``steps``: linear warm-up over ``rampup``, cosine ramp-down over ``rampdown``."""
@@ -24,7 +26,7 @@ def learning_rate(step: int, steps: int, peak: float, rampup: float = 0.05, ramp
     return peak * down * min(1.0, t / rampup) if rampup > 0 else peak * down
 
 
-def reconstruction_losses(G, ws: torch.Tensor, targets: torch.Tensor, perceptual: nn.Module | None,
+def reconstruction_losses(G: Trunk, ws: torch.Tensor, targets: torch.Tensor, perceptual: nn.Module | None,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image (image MSE in [0, 1] units, perceptual distance, reconstructions)."""
     recon = G.synthesis(ws, noise_mode="const", force_fp32=True)
@@ -33,7 +35,7 @@ def reconstruction_losses(G, ws: torch.Tensor, targets: torch.Tensor, perceptual
     return mse, perc, recon
 
 
-def refine_latents(G, targets: torch.Tensor, ws_init: torch.Tensor, perceptual: nn.Module | None, *,
+def refine_latents(G: Trunk, targets: torch.Tensor, ws_init: torch.Tensor, perceptual: nn.Module | None, *,
                    steps: int = 500, lr: float = 0.1, lambda_perceptual: float = 10.0, lambda_mse: float = 1.0,
                    lambda_reg: float = 1.0, batch: int = 16, progress: bool = True) -> dict:
     """Optimize W+ for each target image.

@@ -17,6 +17,7 @@ from torch import nn
 
 from handsoff.errors import DataError, MissingInputError
 from handsoff.fileio import read_weights_folder, save_weights_folder
+from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
 from handsoff.label_generator.tasks import task_from_config
 
@@ -90,7 +91,7 @@ class LabelGenerator(nn.Module):
         members, hidden, hidden2: ensemble size and widths (HandsOff: 10, 256, 32).
     """
 
-    def __init__(self, G, tasks: list, label_size: int, members: int = 10, hidden: int = 256, hidden2: int = 32,
+    def __init__(self, G: Trunk, tasks: list, label_size: int, members: int = 10, hidden: int = 256, hidden2: int = 32,
                  generator_ref: str | None = None):
         super().__init__()
         self.G = G.eval().requires_grad_(False)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save, check_model_folder, fingerprint, require_same_run
+from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.model import LabelGenerator
 from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
@@ -198,7 +199,7 @@ def calibrate_visibility(model: LabelGenerator, task: Keypoints, ws: torch.Tenso
     return task.fit_visibility(peaks.cpu(), labeled.cpu())
 
 
-def fit_from_folder(G, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
+def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
                     label_size: int | None = None, members: int = 10, hidden: int = 256, hidden2: int = 32,
                     keypoint_sigma: float = KEYPOINT_SIGMA, seed: int = 0, generator_ref: str | None = None,
                     progress: bool = True, **fit_options) -> tuple[LabelGenerator, dict]:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from handsoff.domains import heads
+from handsoff.generator.trunk import Trunk
 from handsoff.metrics.frechet import frechet_distance
 from handsoff.metrics.labels import PRESENCE_FRACTION
 from handsoff.metrics.probe import Probe, train_probe
@@ -53,7 +54,8 @@ def class_statistics(masks: torch.Tensor, n_classes: int) -> dict[str, np.ndarra
 
 
 @torch.no_grad()
-def generate(G, n: int, seed: int, truncation: float = 1.0, batch: int = 64, progress: bool = True) -> torch.Tensor:
+def generate(G: Trunk, n: int, seed: int, truncation: float = 1.0, batch: int = 64,
+             progress: bool = True) -> torch.Tensor:
     """n generated images (n, 3, R, R) in [-1, 1] from sample indices 0..n-1 of ``seed``."""
     from handsoff.generator.sampling import latents_for_seeds
 
@@ -67,7 +69,7 @@ def generate(G, n: int, seed: int, truncation: float = 1.0, batch: int = 64, pro
     return torch.cat(out)
 
 
-def evaluate_generator(G, probe: Probe, n: int = 2000, seed: int = 0, truncation: float = 1.0,
+def evaluate_generator(G: Trunk, probe: Probe, n: int = 2000, seed: int = 0, truncation: float = 1.0,
                        progress: bool = True, reals: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """FPD of G vs real heads, the real-vs-real floor, and class statistics of generated vs real images.
 
