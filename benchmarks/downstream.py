@@ -18,8 +18,8 @@ import torch
 
 from handsoff.downstream.model import DenseModel
 from handsoff.downstream.train import autocast, autocast_dtype, task_losses
-from handsoff.label_generator.tasks import Depth
 from handsoff.runtime import tune_allocator
+from handsoff.tasks import Depth, Keypoints, Segmentation
 
 
 def images_per_second(architecture: str, backbone: str, size: int, batch: int, steps: int,
@@ -27,10 +27,11 @@ def images_per_second(architecture: str, backbone: str, size: int, batch: int, s
     """Training images/s of one network on ``device`` (mixed precision on CUDA, as the trainer runs)."""
     device = torch.device(device)
     torch.manual_seed(0)
-    model = DenseModel(backbone, {"seg": 12, "kp": 12, "depth": 1}, architecture=architecture).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     depth = Depth()
     depth.fit_normalization([torch.rand(size, size).numpy() * 10 + 1])
+    tasks = [Segmentation([f"c{i}" for i in range(12)]), Keypoints([f"k{i}" for i in range(12)]), depth]
+    model = DenseModel(backbone, {t.name: t.out_channels for t in tasks}, architecture=architecture).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     batch_data = {"image": torch.rand(batch, 3, size, size) * 2 - 1,
                   "mask": torch.randint(0, 12, (batch, size, size)),
                   "keypoints": torch.cat([torch.rand(batch, 12, 2) * size, torch.full((batch, 12, 1), 2.0)], -1),
@@ -44,7 +45,7 @@ def images_per_second(architecture: str, backbone: str, size: int, batch: int, s
             start = time.perf_counter()
         with autocast(device, dtype):
             outputs = model(batch_data["image"])
-        loss = sum(task_losses({k: v.float() for k, v in outputs.items()}, batch_data, depth, 1.5).values())
+        loss = sum(task_losses({k: v.float() for k, v in outputs.items()}, batch_data, tasks).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -27,10 +27,11 @@ from handsoff.domains import heads
 from handsoff.generator import load_networks
 from handsoff.generator.checkpoints import SHIPPED_DIR
 from handsoff.inversion import build_perceptual, invert_images, load_encoder, summarize
-from handsoff.label_generator import LabelGenerator, build_tasks, fit_label_generator, save_label_generator
+from handsoff.label_generator import LabelGenerator, fit_label_generator, save_label_generator
 from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 from handsoff.metrics.probe import load_probe
 from handsoff.runtime import tune_allocator
+from handsoff.tasks import tasks_from_card
 from handsoff.visualize import image_grid, save_image_atomic
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     samples = [{"name": labeled["names"][i], "image": labeled["raw"].images[i], "mask": labeled["masks"][i],
                 "depth": labeled["depth"][i], "keypoints": labeled["keypoints"][i]} for i in range(args.fit_on)]
     card = heads.dataset_card(G.img_resolution, heads.SPLIT_SEEDS["labeled"])
-    tasks = build_tasks(["seg", "kp", "depth"], card)
+    tasks = tasks_from_card(["seg", "kp", "depth"], card)
     model = LabelGenerator(G, tasks, G.img_resolution, members=args.members, generator_ref=str(args.generator))
     t0 = time.perf_counter()
     summary = fit_label_generator(model, inv["ws"][:args.fit_on], samples, args.out / "label_generator",

@@ -17,8 +17,8 @@ from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
 from handsoff.generator.trunk import Trunk
-from handsoff.label_generator.tasks import KEYPOINT_SIGMA
 from handsoff.runtime import resolve_device
+from handsoff.tasks import KEYPOINT_SIGMA
 
 PIPELINE = """\
 data: render-heads renders the embedded domain; import-data converts labeled data; show draws a contact sheet

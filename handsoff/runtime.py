@@ -68,7 +68,8 @@ def require_finite(loss, where: str, parts: dict | None = None) -> None:
     import torch
 
     if not bool(torch.isfinite(loss.detach())):
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (parts or {}).items())
+        detail = ", ".join(f"{k}={float(v.detach() if isinstance(v, torch.Tensor) else v):.4g}"
+                           for k, v in (parts or {}).items())
         raise NonFiniteLossError(f"{where}: the training loss is {float(loss.detach())}"
                                  + (f" ({detail})" if detail else "")
                                  + "; stopped before saving. Check the labels for NaN / inf values (every "

@@ -57,11 +57,12 @@ class DatasetCard:
 
     def require(self, tasks: list[str], where) -> None:
         """Raise DatasetError naming ``where`` (the dataset) unless it has labels for every task (seg, kp, depth)."""
-        needs = {"seg": ("classes", "masks"), "kp": ("keypoint_names", "keypoints"), "depth": ("depth_format", "depth")}
-        missing = [t for t in tasks if getattr(self, needs[t][0]) is None]
+        from handsoff.tasks import TASKS
+
+        missing = [TASKS[t] for t in tasks if getattr(self, TASKS[t].card_field) is None]
         if missing:
-            raise DatasetError(f"{where}: the dataset has no labels for task(s) {', '.join(missing)} (its "
-                               f"dataset.json declares no {', '.join(needs[t][1] for t in missing)})")
+            raise DatasetError(f"{where}: the dataset has no labels for task(s) {', '.join(t.name for t in missing)} "
+                               f"(its dataset.json declares no {', '.join(t.card_label for t in missing)})")
 
     def to_json(self) -> dict:
         return {
@@ -126,6 +127,33 @@ def write_keypoints_json(path: Path, card: DatasetCard, images: list[dict], anno
                                              "skeleton": [[index[a], index[b]] for a, b in card.skeleton]}]})
 
 
+def sample_files(root: Path, card: DatasetCard, name: str) -> list[Path]:
+    """The per-sample files of sample ``name`` in the layout: image, and mask and depth where the card has them
+    (keypoints live in the dataset-wide keypoints.json)."""
+    files = [root / "images" / f"{name}.png"]
+    if card.classes is not None:
+        files.append(root / "masks" / f"{name}.png")
+    if card.depth_format is not None:
+        files.append(root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}")
+    return files
+
+
+def write_sample_files(root: Path, card: DatasetCard, name: str, image: np.ndarray, mask: np.ndarray | None = None,
+                       depth: np.ndarray | None = None) -> None:
+    """Write one sample's image (H, W, 3) uint8, mask (H, W) ids and depth (H, W) float, each atomically, in the
+    card's formats (depth as .npy float32, or 16-bit PNG of depth * depth_scale)."""
+    atomic_save(root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
+    if mask is not None:
+        atomic_save(root / "masks" / f"{name}.png",
+                    lambda p: Image.fromarray(np.asarray(mask).astype(np.uint8)).save(p, format="PNG"))
+    if depth is not None:
+        if card.depth_format == "png16":
+            value = np.clip(np.round(depth * card.depth_scale), 0, 65535).astype(np.uint16)
+            atomic_save(root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
+        else:
+            atomic_save(root / "depth" / f"{name}.npy", lambda p: np.save(p, np.asarray(depth, np.float32)))
+
+
 class DatasetWriter:
     """Write samples into the standard layout; ``close()`` writes keypoints.json and dataset.json last.
 
@@ -162,17 +190,7 @@ class DatasetWriter:
                                    "0..255 (merge classes with a mapping)")
         self.names.add(name)
         h, w = image.shape[:2]
-        atomic_save(self.root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
-        if mask is not None:
-            atomic_save(self.root / "masks" / f"{name}.png",
-                         lambda p: Image.fromarray(mask.astype(np.uint8)).save(p, format="PNG"))
-        if depth is not None:
-            if self.card.depth_format == "png16":
-                value = np.clip(np.round(depth * self.card.depth_scale), 0, 65535).astype(np.uint16)
-                atomic_save(self.root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
-            else:
-                atomic_save(self.root / "depth" / f"{name}.npy",
-                             lambda p: np.save(p, depth.astype(np.float32)))
+        write_sample_files(self.root, self.card, name, image, mask, depth)
         if keypoints is not None:
             image_id = len(self.coco_images) + 1
             self.coco_images.append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
@@ -232,6 +250,44 @@ def read_label_png(path: Path, what: str) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read {what} ({e})") from None
 
 
+def read_sample_labels(root: Path, card: DatasetCard, name: str, shape: tuple[int, int], image_name: str) -> dict:
+    """The per-sample label files of ``name`` the card declares: mask (H, W) int64 and depth (H, W) float32, checked
+    against the image's ``shape`` (H, W); DatasetError naming the file for anything missing or malformed."""
+    h, w = shape
+    sample = {}
+    if card.classes is not None:
+        path = root / "masks" / f"{name}.png"
+        if not path.is_file():
+            raise DatasetError(f"{path}: mask missing for image {image_name}")
+        mask = read_label_png(path, "mask")
+        if mask.ndim != 2 or mask.dtype.kind not in "iub":
+            raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
+                               f"shape {mask.shape}")
+        if mask.shape != (h, w):
+            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {w}x{h}")
+        if mask.max() >= len(card.classes):
+            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(card.classes))))
+            raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(card.classes)} classes)")
+        sample["mask"] = mask.astype(np.int64)
+    if card.depth_format is not None:
+        path = root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}"
+        if not path.is_file():
+            raise DatasetError(f"{path}: depth missing for image {image_name}")
+        if card.depth_format == "npy":
+            try:
+                depth = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise DatasetError(f"{path}: cannot read depth ({e})") from None
+            if depth.dtype.kind not in "fiu":
+                raise DatasetError(f"{path}: depth must be numbers, got {depth.dtype}")
+        else:
+            depth = read_label_png(path, "depth").astype(np.float32) / card.depth_scale
+        if depth.shape != (h, w):
+            raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {w}x{h}")
+        sample["depth"] = depth.astype(np.float32)
+    return sample
+
+
 class LabeledFolder:
     """Read access to a dataset in the standard layout, with validation of every file it returns."""
 
@@ -285,38 +341,8 @@ class LabeledFolder:
     def load(self, name: str) -> dict:
         """image (H, W, 3) uint8, and per task: mask (H, W) int64, depth (H, W) float32, keypoints (K, 3)."""
         image = read_image(self.image_paths[name])
-        h, w = image.shape[:2]
-        sample = {"name": name, "image": image}
-        if self.card.classes is not None:
-            path = self.root / "masks" / f"{name}.png"
-            if not path.is_file():
-                raise DatasetError(f"{path}: mask missing for image {self.image_paths[name].name}")
-            mask = read_label_png(path, "mask")
-            if mask.ndim != 2 or mask.dtype.kind not in "iub":
-                raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
-                                   f"shape {mask.shape}")
-            if mask.shape != (h, w):
-                raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {w}x{h}")
-            if mask.max() >= len(self.card.classes):
-                bad = sorted(set(np.unique(mask).tolist()) - set(range(len(self.card.classes))))
-                raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(self.card.classes)} classes)")
-            sample["mask"] = mask.astype(np.int64)
-        if self.card.depth_format is not None:
-            path = self.root / "depth" / f"{name}.{'npy' if self.card.depth_format == 'npy' else 'png'}"
-            if not path.is_file():
-                raise DatasetError(f"{path}: depth missing for image {self.image_paths[name].name}")
-            if self.card.depth_format == "npy":
-                try:
-                    depth = np.load(path, allow_pickle=False)
-                except (ValueError, OSError) as e:
-                    raise DatasetError(f"{path}: cannot read depth ({e})") from None
-                if depth.dtype.kind not in "fiu":
-                    raise DatasetError(f"{path}: depth must be numbers, got {depth.dtype}")
-            else:
-                depth = read_label_png(path, "depth").astype(np.float32) / self.card.depth_scale
-            if depth.shape != (h, w):
-                raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {w}x{h}")
-            sample["depth"] = depth.astype(np.float32)
+        sample = {"name": name, "image": image, **read_sample_labels(self.root, self.card, name, image.shape[:2],
+                                                                      self.image_paths[name].name)}
         if self.card.keypoint_names is not None:
             if name not in self.keypoints:
                 raise DatasetError(f"{self.root / 'keypoints.json'}: no keypoints for image {name}")

@@ -15,7 +15,7 @@ Backbones: ``resnet18``, ``resnet50``, ``resnet101``, ``mobilenet_v3_large`` (to
 
     seg    (B, K, H, W) class logits
     kp     (B, K, H, W) keypoint heatmaps (Gaussian targets, peak 1)
-    depth  (B, 1, H, W) normalized log depth (see ``handsoff.label_generator.tasks.Depth``)
+    depth  (B, 1, H, W) normalized log depth (see ``handsoff.tasks.Depth``)
 
 ImageNet weights are never downloaded: ``backbone_weights`` takes a local torchvision classification state dict
 (e.g. ``resnet50-0676ba61.pth``); its classifier keys are ignored and anything else missing is an error.

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from handsoff.data.dataset import LabeledImageDataset
@@ -35,12 +34,10 @@ from handsoff.data.layout import DatasetError
 from handsoff.downstream.model import DenseModel
 from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save, read_weights_folder, require_same_run, save_weights_folder
-from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, gaussian_heat
-from handsoff.metrics.labels import confusion_matrix, depth_errors, miou, pck
 from handsoff.runtime import require_finite, resolve_device
+from handsoff.tasks import KEYPOINT_SIGMA, Task, task_from_config, tasks_from_card
+from handsoff.tasks.depth import NORMALIZATION_SAMPLES
 
-KEYPOINT_LOSS_WEIGHT = 100.0  # heatmap MSE is tiny next to cross-entropy; this brings it to a similar scale
-TASK_KEYS = {"seg": "mask", "kp": "keypoints", "depth": "depth"}
 MODEL_FORMAT = "handsoff-downstream"  # config.json's "format" of a run folder's model
 SCHEDULES = ("onecycle", "constant")
 
@@ -57,16 +54,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def require_same_labels(card, tasks: list[str], where, classes: list[str] | None,
-                        keypoint_names: list[str] | None, reference: str) -> None:
-    """Raise DatasetError naming ``where`` unless its card has labels for ``tasks`` with the ``reference``'s
-    classes (seg) and keypoint names (kp): every dataset a network trains, selects or is scored on must be labeled
-    the same way."""
-    card.require(tasks, where)
-    for key, task, expected in (("classes", "seg", classes), ("keypoint_names", "kp", keypoint_names)):
-        if task in tasks and getattr(card, key) != expected:
-            raise DatasetError(f"{where}: its {key.replace('_', ' ')} {getattr(card, key)} are not {reference}'s "
-                               f"{expected}; every dataset must be labeled the same way (remap with a mapping)")
+def require_same_labels(card, tasks: list[Task], where, reference: str) -> None:
+    """Raise DatasetError naming ``where`` unless its card has labels for ``tasks`` with the same class and keypoint
+    names (``reference`` says whose they are): every dataset a network trains, selects or is scored on must be
+    labeled the same way."""
+    card.require([t.name for t in tasks], where)
+    for t in tasks:
+        theirs = t.names_in(card)
+        if t.label_names is not None and theirs != t.label_names:
+            key = t.card_field.replace("_", " ")
+            raise DatasetError(f"{where}: its {key} {theirs} are not {reference}'s {t.label_names}; every dataset "
+                               "must be labeled the same way (remap with a mapping)")
+
+
+def model_tasks(config: dict) -> list[Task]:
+    """The tasks a saved downstream model predicts, with their fitted values. Models saved before tasks saved
+    their own configs stored classes, keypoint names, sigma and depth normalization separately."""
+    if "task_configs" in config:
+        return [task_from_config(c) for c in config["task_configs"]]
+    legacy = {"seg": {"name": "seg", "classes": config.get("classes")},
+              "kp": {"name": "kp", "names": config.get("keypoint_names"), "sigma": config.get("sigma", KEYPOINT_SIGMA)},
+              "depth": config.get("depth")}
+    return [task_from_config(legacy[name]) for name in config.get("tasks", [])]
 
 
 def one_cycle(step: int, total: int, warmup: float = 0.1) -> float:
@@ -82,87 +91,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def heatmaps(keypoints: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Gaussian heatmaps (B, K, size, size) for keypoints (B, K, 3) in pixels; labeled (v > 0) only."""
-    centres = torch.arange(size, dtype=torch.float32, device=keypoints.device) + 0.5
-    return gaussian_heat(keypoints[:, :, None, None, :], centres, centres[:, None], sigma)
-
-
 def collate(samples: list[dict]) -> dict:
-    out = {"image": torch.stack([s["image"] for s in samples])}
-    for key in ("mask", "depth", "keypoints"):
-        if key in samples[0]:
-            out[key] = torch.stack([s[key] for s in samples])
-    return out
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "name"}
 
 
-def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - mean soft Dice over the classes present in the batch's masks or predictions.
-
-    logits (B, K, H, W), mask (B, H, W) int64. Every class weighs the same, so a part of a few pixels (an eye at
-    64 px) pulls as hard as the background; with cross-entropy alone such parts are learned only after the
-    large classes, far later in training (mIoU also weighs classes equally)."""
-    probs = logits.softmax(1)
-    onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum((0, 2, 3))
-    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    present = onehot.sum((0, 2, 3)) > 0
-    dice = (2 * inter + 1.0) / (total + 1.0)
-    return 1 - dice[present].mean()
-
-
-def task_losses(outputs: dict, batch: dict, depth_task: Depth | None, sigma: float) -> dict[str, torch.Tensor]:
-    losses = {}
-    if "seg" in outputs:
-        losses["seg"] = F.cross_entropy(outputs["seg"], batch["mask"]) + soft_dice_loss(outputs["seg"], batch["mask"])
-    if "kp" in outputs:
-        target = heatmaps(batch["keypoints"], outputs["kp"].shape[-1], sigma)
-        losses["kp"] = KEYPOINT_LOSS_WEIGHT * F.mse_loss(outputs["kp"], target)
-    if "depth" in outputs:
-        d = batch["depth"]
-        valid = torch.isfinite(d) & (d > 0)
-        t = depth_task.forward_transform(torch.where(valid, d, torch.ones_like(d)))
-        losses["depth"] = ((outputs["depth"] - t) ** 2)[valid].mean() if valid.any() else outputs["depth"].sum() * 0
-    return losses
+def task_losses(outputs: dict, batch: dict, tasks: list[Task]) -> dict[str, torch.Tensor]:
+    return {t.name: t.downstream_loss(outputs[t.name], batch) for t in tasks}
 
 
 @torch.no_grad()
-def evaluate_model(model: DenseModel, dataset, depth_task: Depth | None = None, batch_size: int = 32,
-                   class_names: list[str] | None = None, sigma: float = KEYPOINT_SIGMA,
-                   keypoint_names: list[str] | None = None) -> dict:
-    """Metrics of ``model`` (on whatever device it lives) on a dataset: seg mIoU and IoU per class, kp
-    PCK@0.1/0.05/0.02 overall and per keypoint, depth MSE/RMSE/RMSE-log/nMSE."""
+def evaluate_model(model: DenseModel, dataset, tasks: list[Task], batch_size: int = 32) -> dict:
+    """Metrics of ``model`` (on whatever device it lives) on a dataset, from each task's ``metric_result``: seg
+    mIoU and IoU per class, kp PCK@0.1/0.05/0.02 overall and per keypoint, depth MSE/RMSE/RMSE-log/nMSE."""
     model.eval()
     device = next(model.parameters()).device
     dtype = autocast_dtype(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    heads = model.config["heads"]
-    conf, kp_pred, kp_true, d_pred, d_true = None, [], [], [], []
+    states: dict = {t.name: None for t in tasks}
     for batch in loader:
         with autocast(device, dtype):
             out = model(batch["image"].to(device))
-        out = {k: v.float().cpu() for k, v in out.items()}
-        if "seg" in heads:
-            c = confusion_matrix(out["seg"].argmax(1), batch["mask"], heads["seg"])
-            conf = c if conf is None else conf + c
-        if "kp" in heads:
-            peaks = Keypoints.peak(out["kp"])
-            kp_pred.append(torch.cat([peaks[..., :2], torch.where(peaks[..., 2:] > 0.3, 2.0, 0.0)], -1))
-            kp_true.append(batch["keypoints"])
-        if "depth" in heads:
-            d_pred += list(depth_task.inverse(out["depth"][:, 0]))
-            d_true += list(batch["depth"][:, 0])
+        for t in tasks:
+            states[t.name] = t.metric_update(states[t.name], out[t.name].float().cpu(), batch)
     result = {}
-    if conf is not None:
-        result["segmentation"] = miou(conf, class_names)
-        result["miou"] = result["segmentation"]["miou"]
-    if kp_pred:
-        size = dataset[0]["image"].shape[-1]
-        result["keypoints"] = pck(torch.cat(kp_pred), torch.cat(kp_true), size, names=keypoint_names)
-        result.update({k: v for k, v in result["keypoints"].items() if k.startswith("pck")})
-    if d_pred:
-        result["depth"] = depth_errors(d_pred, d_true)
-        result.update({f"depth_{k}": v for k, v in result["depth"].items()})
+    for t in tasks:
+        if states[t.name] is not None:
+            result.update(t.metric_result(states[t.name], dataset[0]["image"].shape[-1]))
     return result
 
 
@@ -174,14 +128,11 @@ def selection_score(metrics: dict) -> float:
     return float(np.mean(parts)) if parts else float("-inf")
 
 
-def _depth_task(datasets) -> Depth:
-    depth = Depth()
-    maps = []
+def _training_samples(datasets, per_dataset: int = NORMALIZATION_SAMPLES):
+    """The first ``per_dataset`` samples of each dataset, read lazily (only tasks that fit on labels read them)."""
     for ds in datasets:
-        for i in range(min(len(ds), 200)):
-            maps.append(ds.folder.load(ds.folder.names[i])["depth"] if hasattr(ds, "folder") else ds[i]["depth"])
-    depth.fit_normalization([np.asarray(m) for m in maps])
-    return depth
+        for i in range(min(len(ds), per_dataset)):
+            yield ds.folder.load(ds.folder.names[i]) if hasattr(ds, "folder") else ds[i]
 
 
 def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.PathLike, out: str | os.PathLike, *,
@@ -203,8 +154,10 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     train_sets = [LabeledImageDataset(d, size=size, augment=True, seed=seed) for d in train_dirs]
     val_set = LabeledImageDataset(val_dir, size=size)
     card = train_sets[0].card
+    card.require(tasks, train_dirs[0])
+    task_objects = tasks_from_card(tasks, card, keypoint_sigma=sigma)
     for path, data in [*zip(train_dirs, train_sets), (val_dir, val_set)]:  # before any work
-        require_same_labels(data.card, tasks, path, card.classes, card.keypoint_names, str(train_dirs[0]))
+        require_same_labels(data.card, task_objects, path, str(train_dirs[0]))
     # What the run is: a resumed run must match it. The device may change (it says where, not what), and so may
     # epochs and patience (they say how long).
     identity = {"tasks": list(tasks), "train": [str(Path(d).resolve()) for d in train_dirs],
@@ -221,15 +174,9 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         raise OutputError(f"{out}: holds {', '.join(clash)} but no state.pt of a handsoff training; handsoff will "
                           "not overwrite them, choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    heads = {}
-    for t in tasks:
-        if t == "seg":
-            heads["seg"] = len(card.classes)
-        elif t == "kp":
-            heads["kp"] = len(card.keypoint_names)
-        elif t == "depth":
-            heads["depth"] = 1
-    depth_task = _depth_task(train_sets) if "depth" in heads else None
+    for task in task_objects:
+        task.fit(_training_samples(train_sets))
+    heads = {t.name: t.out_channels for t in task_objects}
     model = DenseModel(backbone, heads, backbone_weights, architecture=architecture).to(dev)
     # Fused Adam: one kernel over all parameters instead of one pass per elementwise op; on CPU it cut an optimizer
     # step of the ResNet-18 U-Net from 40 to 12 ms (12% of a batch-8 training step, one thread).
@@ -253,7 +200,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": schedule, "sigma": sigma,
               "size": size, "device": str(dev), "mixed_precision": str(dtype).removeprefix("torch.") if dtype else None,
               "classes": card.classes, "keypoint_names": card.keypoint_names,
-              "depth": depth_task.config() if depth_task else None}
+              "task_configs": [t.config() for t in task_objects]}
     # A resumed run that had already stopped early stays stopped.
     stopped = bool(history) and history[-1]["epoch"] - max(history, key=lambda h: h["score"])["epoch"] >= patience
     for epoch in range(start, start if stopped else epochs):
@@ -271,7 +218,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                 batch = to_device(batch, dev)
                 with autocast(dev, dtype):
                     outputs = model(batch["image"])
-                losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, depth_task, sigma)
+                losses = task_losses({k: v.float() for k, v in outputs.items()}, batch, task_objects)
                 loss = sum(losses.values())
                 if dtype != torch.float16:  # fp16 loss scaling skips non-finite steps by design
                     require_finite(loss, f"{out}: epoch {epoch + 1}, step {bar.n + 1}", losses)
@@ -284,8 +231,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        metrics = evaluate_model(model, val_set, depth_task, class_names=card.classes, sigma=sigma,
-                                 keypoint_names=card.keypoint_names)
+        metrics = evaluate_model(model, val_set, task_objects)
         score = selection_score(metrics)
         history.append({"epoch": epoch + 1, "images": n,
                         "train_loss": {k: v / max(len(loader), 1) for k, v in sums.items()},
@@ -336,12 +282,9 @@ def evaluate_run(model_dir: str | os.PathLike, data: str | os.PathLike, out: str
 
     model, config = load_downstream(model_dir, device)
     dataset = LabeledImageDataset(data, size=config.get("size"))
-    require_same_labels(dataset.card, config.get("tasks", []), data, config.get("classes"),
-                        config.get("keypoint_names"), "the model")
-    depth = Depth(**{k: v for k, v in config["depth"].items() if k != "name"}) if config.get("depth") else None
-    metrics = evaluate_model(model, dataset, depth, class_names=config.get("classes"),
-                             sigma=config.get("sigma", KEYPOINT_SIGMA),
-                             keypoint_names=config.get("keypoint_names"))
+    tasks = model_tasks(config)
+    require_same_labels(dataset.card, tasks, data, "the model")
+    metrics = evaluate_model(model, dataset, tasks)
     out = Path(out) if out else Path(model_dir) / "metrics.json"
     atomic_write_json(out, {"model": str(model_dir), "data": str(data), **metrics})
     return metrics

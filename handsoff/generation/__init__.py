@@ -12,7 +12,7 @@ unit of parallelism and of resumption:
 * when every batch is recorded, rank 0 finalizes: uncertainty filtering over the whole run, class quotas,
   ``manifest.jsonl``, COCO ``keypoints.json``, optional WebDataset shards, and ``dataset.json`` last.
 
-Filtering: each task's image score (see ``handsoff.label_generator.tasks``) is turned into a rank percentile over
+Filtering: each task's image score (see ``handsoff.tasks``) is turned into a rank percentile over
 the run; the filter score is one task's percentile or the mean over tasks ('combined'); exactly
 floor(filter_top * n) samples with the highest scores are dropped (ties by index), recorded as filtered in the
 manifest, and their files deleted or, with ``keep_filtered``, moved to ``filtered/``.

@@ -13,15 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from handsoff.data.layout import DatasetCard, DatasetError, coco_keypoints, write_keypoints_json
+from handsoff.data.layout import (
+    DatasetCard,
+    DatasetError,
+    coco_keypoints,
+    read_image,
+    read_sample_labels,
+    sample_files,
+    write_keypoints_json,
+    write_sample_files,
+)
 from handsoff.data.webdataset import write_webdataset
 from handsoff.errors import UsageError
-from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json, fingerprint, output_lock
+from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.metrics.labels import presence_pixels
+from handsoff.tasks import Segmentation
 
 PROGRESS_DIR = ".progress"
 
@@ -87,17 +96,12 @@ def _record_path(out: Path, batch: int) -> Path:
     return out / PROGRESS_DIR / f"batch-{batch:07d}.json"
 
 
-def _write_sample(out: Path, name: str, sample: dict) -> None:
-    atomic_save(out / "images" / f"{name}.png", lambda p: Image.fromarray(sample["image"]).save(p, format="PNG"))
-    if "mask" in sample:
-        atomic_save(out / "masks" / f"{name}.png",
-                    lambda p: Image.fromarray(sample["mask"].astype(np.uint8)).save(p, format="PNG"))
-    if "depth" in sample:
-        atomic_save(out / "depth" / f"{name}.npy", lambda p: np.save(p, sample["depth"].astype(np.float32)))
-
-
-def _sample_files(out: Path, name: str) -> list[Path]:
-    return [out / "images" / f"{name}.png", out / "masks" / f"{name}.png", out / "depth" / f"{name}.npy"]
+def file_card(model) -> DatasetCard:
+    """The card fields that decide which files a sample of this label generator has and their formats."""
+    fields = {}
+    for task in model.tasks:
+        fields.update(task.card_fields())
+    return DatasetCard(**fields)
 
 
 def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
@@ -107,14 +111,15 @@ def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
     indices = list(range(batch * config.batch, (batch + 1) * config.batch))
     z = latents_for_seeds(config.seed, indices, model.G.z_dim)
     result = model.predict_z(z, truncation_psi=config.truncation)
-    seg = next((t for t in model.tasks if t.name == "seg"), None)
+    seg = segmentation_task(model)
+    card = file_card(model)
     samples = []
     for i, index in enumerate(indices):
         sample = prediction_sample(result, i)
         name = _name(index)
-        _write_sample(out, name, sample)
+        write_sample_files(out, card, name, sample["image"], sample.get("mask"), sample.get("depth"))
         entry = {"index": index, "name": name, "scores": {t.name: result[t.name][i]["score"] for t in model.tasks}}
-        if "keypoints" in sample:
+        if "keypoints" in sample:  # into keypoints.json at the end, as the layout keeps them
             entry["keypoints"] = [[round(float(v), 3) for v in row] for row in sample["keypoints"]]
         if seg is not None:
             counts = np.bincount(sample["mask"].reshape(-1), minlength=len(seg.classes))
@@ -183,12 +188,17 @@ def check_config(config: GenerationConfig, task_names: list[str], classes: list[
                              f"({', '.join(classes) or 'no segmentation task'})")
 
 
+def segmentation_task(model) -> Segmentation | None:
+    """The label generator's segmentation task: class quotas and class statistics are about its classes."""
+    return next((t for t in model.tasks if isinstance(t, Segmentation)), None)
+
+
 def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
                      source: dict | None = None) -> Path | None:
     """Generate (or resume) a dataset into ``out``; returns its path on the rank that finalized it.
 
     Rank 0 holds the lock on ``out`` for the whole run (the other ranks of a torchrun job write into it too)."""
-    seg = next((t for t in model.tasks if t.name == "seg"), None)
+    seg = segmentation_task(model)
     classes = seg.classes if seg is not None else []
     check_config(config, [t.name for t in model.tasks], classes)
     out = Path(out)
@@ -294,13 +304,13 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
 
     for e in entries:
         if e["index"] in dropped and config.keep_filtered:
-            for f in _sample_files(out, e["name"]):
+            for f in sample_files(out, file_card(model), e["name"]):
                 if f.exists():
                     dest = out / "filtered" / f.parent.name / f.name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(f, dest)
         elif e["index"] not in chosen_set or e["index"] in dropped:
-            for f in _sample_files(out, e["name"]):
+            for f in sample_files(out, file_card(model), e["name"]):
                 f.unlink(missing_ok=True)
 
     kept = [e for e in selected if e["index"] not in dropped]
@@ -317,7 +327,6 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
 
 def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict], classes: list[str], present: int,
           source: dict) -> DatasetCard:
-    tasks = {t.name: t for t in model.tasks}
     counts = {s: sum(r["status"] == s for r in manifest) for s in ("kept", "filtered", "rejected", "surplus")}
     candidates = counts["kept"] + counts["filtered"] + counts["rejected"]
     stats: dict = {"counts": counts, "acceptance_rate": (counts["kept"] + counts["filtered"]) / candidates}
@@ -325,15 +334,14 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
         pixels = np.array([e["class_pixels"] for e in kept], np.float64)
         stats["class_pixel_share"] = dict(zip(classes, (pixels.sum(0) / max(pixels.sum(), 1)).round(6).tolist()))
         stats["class_image_share"] = dict(zip(classes, (pixels >= present).mean(0).round(6).tolist()))
-    kp = tasks.get("kp")
     lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
                  "generator": model.generator_ref, "producer": source.get("producer"), "statistics": stats}
-    return DatasetCard(classes=classes or None, colors=source.get("colors") if classes else None,
-                       keypoint_names=kp.names if kp else None, skeleton=source.get("skeleton", []),
-                       keypoint_flip_pairs=source.get("keypoint_flip_pairs", []),
-                       depth_format="npy" if "depth" in tasks else None,
-                       depth_unit=source.get("depth_unit", "as the training labels"),
-                       source={"generated_by": "handsoff generate", **lg_source})
+    card = file_card(model)
+    return dataclasses.replace(card, colors=source.get("colors") if card.classes else None,
+                               skeleton=source.get("skeleton", []),
+                               keypoint_flip_pairs=source.get("keypoint_flip_pairs", []),
+                               depth_unit=source.get("depth_unit", "as the training labels"),
+                               source={"generated_by": "handsoff generate", **lg_source})
 
 
 def _write_coco(out: Path, card: DatasetCard, model, kept: list[dict]) -> None:
@@ -346,6 +354,7 @@ def _write_coco(out: Path, card: DatasetCard, model, kept: list[dict]) -> None:
 
 def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
     """Move the kept samples' files into tar shards, then remove the per-sample folders."""
+    card = file_card(model)
     for trash in out.glob(".*.trash"):
         shutil.rmtree(trash)
     if not (out / "images").exists():  # packed before a kill: the shards are complete
@@ -354,11 +363,8 @@ def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
         samples = []
         for e in kept[s:s + shard_size]:
             name = e["name"]
-            sample = {"image": np.asarray(Image.open(out / "images" / f"{name}.png"))}
-            if (out / "masks" / f"{name}.png").exists():
-                sample["mask"] = np.asarray(Image.open(out / "masks" / f"{name}.png"))
-            if (out / "depth" / f"{name}.npy").exists():
-                sample["depth"] = np.load(out / "depth" / f"{name}.npy")
+            image = read_image(out / "images" / f"{name}.png")
+            sample = {"image": image, **read_sample_labels(out, card, name, image.shape[:2], f"{name}.png")}
             if "keypoints" in e:
                 sample["keypoints"] = np.asarray(e["keypoints"], np.float32)
             samples.append((name, sample))

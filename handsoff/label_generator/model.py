@@ -19,7 +19,7 @@ from handsoff.errors import DataError, MissingInputError
 from handsoff.fileio import read_weights_folder, save_weights_folder
 from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
-from handsoff.label_generator.tasks import task_from_config
+from handsoff.tasks import task_from_config
 
 
 class MLPEnsemble(nn.Module):
@@ -86,7 +86,7 @@ class LabelGenerator(nn.Module):
 
     Args:
         G: the StyleGAN2 generator whose features are read (kept frozen).
-        tasks: task objects (``handsoff.label_generator.tasks``), in output-channel order.
+        tasks: task objects (``handsoff.tasks``), in output-channel order.
         label_size: label resolution L (labels are L x L).
         members, hidden, hidden2: ensemble size and widths (HandsOff: 10, 256, 32).
     """
@@ -150,11 +150,11 @@ class LabelGenerator(nn.Module):
 
     @torch.no_grad()
     def predict(self, ws: torch.Tensor) -> dict:
-        """For W+ latents (B, n_latent, w_dim): {"images": (B, 3, R, R) in [-1, 1], task name: [per-image dict
-        from the task's ``decode``: label, uncertainty (L, L), score, ...]}."""
+        """For W+ latents (B, n_latent, w_dim): {"images": (B, 3, R, R) in [-1, 1], "label_size": L, "tasks": the
+        task objects, task name: [per-image dict from the task's ``decode``: label, uncertainty (L, L), score, ...]}."""
         images, feats = self.features(ws.to(self.ensemble.weight1.device))
         outputs = self.dense_outputs(feats)
-        result = {"images": images.clamp(-1, 1), "label_size": self.label_size}
+        result = {"images": images.clamp(-1, 1), "label_size": self.label_size, "tasks": self.tasks}
         for task in self.tasks:
             sl = self.slices[task.name]
             result[task.name] = [task.decode(outputs[i, :, sl]) for i in range(len(ws))]
@@ -179,12 +179,8 @@ def prediction_sample(result: dict, i: int) -> dict:
     if image.shape[-1] != size:
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     sample = {"image": to_uint8(image)[0]}
-    if "seg" in result:
-        sample["mask"] = result["seg"][i]["label"].cpu().numpy().astype("int64")
-    if "kp" in result:
-        sample["keypoints"] = result["kp"][i]["label"].cpu().numpy().astype("float32")
-    if "depth" in result:
-        sample["depth"] = result["depth"][i]["label"].cpu().numpy().astype("float32")
+    for task in result["tasks"]:
+        sample[task.sample_key] = task.label(result[task.name][i])
     return sample
 
 

@@ -20,35 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handsoff.errors import UsageError
 from handsoff.fileio import atomic_save, check_model_folder, fingerprint, require_same_run
 from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.model import LabelGenerator
-from handsoff.label_generator.tasks import KEYPOINT_SIGMA, Depth, Keypoints, Segmentation
 from handsoff.runtime import require_finite
+from handsoff.tasks import KEYPOINT_SIGMA, TASKS, tasks_from_card
 
 STATE_FILE = "state.pt"
-FITTED = ("visibility_threshold", "log_mean", "log_std")  # task settings a fit computes, not inputs to it
-
-
-def build_tasks(names: list[str], card, *, min_class_pixels: int | None = None, keypoint_sigma: float = KEYPOINT_SIGMA
-                ) -> list:
-    """Task objects for task names from a dataset card (classes, keypoint names), with clear errors."""
-    tasks = []
-    for name in names:
-        if name == "seg":
-            if card.classes is None:
-                raise UsageError("task seg: the labeled dataset has no masks (dataset.json lists no classes)")
-            tasks.append(Segmentation(card.classes, min_class_pixels))
-        elif name == "kp":
-            if card.keypoint_names is None:
-                raise UsageError("task kp: the labeled dataset has no keypoints")
-            tasks.append(Keypoints(card.keypoint_names, sigma=keypoint_sigma))
-        elif name == "depth":
-            if card.depth_format is None:
-                raise UsageError("task depth: the labeled dataset has no depth maps")
-            tasks.append(Depth())
-    return tasks
 
 
 class PixelData:
@@ -58,8 +36,7 @@ class PixelData:
         self.model, self.ws, self.samples = model, ws, samples
         size = model.label_size
         for task in model.tasks:
-            if isinstance(task, Depth):
-                task.fit_normalization([s["depth"] for s in samples])
+            task.fit(iter(samples))
         self.targets = [{t.name: t.prepare(s, size) for t in model.tasks} for s in samples]
         G = model.G
         per_image = sum(c * r * r for c, r in zip(G.synthesis.feature_channels, G.synthesis.feature_resolutions))
@@ -101,7 +78,8 @@ def run_identity(model: LabelGenerator, ws: torch.Tensor, samples: list[dict], *
     labels = {f"{i}/{key}": torch.from_numpy(np.array(value))  # a copy: arrays may be read-only
               for i, sample in enumerate(samples) for key, value in sample.items() if key != "name"}
     config = {k: v for k, v in model.config().items() if k != "generator"}  # the path may be spelled differently
-    config["tasks"] = [{k: v for k, v in task.items() if k not in FITTED} for task in config["tasks"]]
+    config["tasks"] = [{k: v for k, v in task.items() if k not in TASKS[task["name"]].fitted}
+                       for task in config["tasks"]]
     return {**json.loads(json.dumps(config)), **settings, "latents": fingerprint({"ws": ws}),
             "labels": fingerprint(labels), "generator": fingerprint(model.G.state_dict())}
 
@@ -183,20 +161,8 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     summary = {"steps": step, "stop_reason": reason, "final_loss": final, "constant_loss": baselines,
                "images": n, "pixels_per_step": images_per_step * pixels_per_image}
     for task in model.tasks:
-        if isinstance(task, Keypoints):
-            summary["keypoint_visibility_threshold"] = calibrate_visibility(model, task, ws, data.targets)
+        summary.update(task.calibrate(model, ws, [t[task.name] for t in data.targets]) or {})
     return summary
-
-
-@torch.no_grad()
-def calibrate_visibility(model: LabelGenerator, task: Keypoints, ws: torch.Tensor, targets: list[dict],
-                         limit: int = 16) -> float:
-    """Fit the keypoint task's visibility threshold on (at most ``limit``) training images' predictions."""
-    n = min(len(ws), limit)
-    result = model.predict(ws[:n])
-    peaks = torch.stack([task.peak(r["heatmaps"])[:, 2] for r in result[task.name]])
-    labeled = torch.stack([targets[i][task.name][:, 2] > 0 for i in range(n)])
-    return task.fit_visibility(peaks.cpu(), labeled.cpu())
 
 
 def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
@@ -232,7 +198,7 @@ def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: 
     samples = [folder.load(n) for n in names]
     size = label_size or (samples[0]["mask"].shape[0] if "mask" in samples[0] else samples[0]["image"].shape[0])
     try:
-        task_objects = build_tasks(tasks, folder.card, keypoint_sigma=keypoint_sigma)
+        task_objects = tasks_from_card(tasks, folder.card, keypoint_sigma=keypoint_sigma)
     except ValueError as e:
         raise DatasetError(f"{labels}: {e}") from None
     torch.manual_seed(seed)
@@ -251,7 +217,7 @@ def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: 
     result = model.predict(ws[:n].to(device))
     strips = []
     for i in range(n):
-        real = {k: v for k, v in samples[i].items() if k in ("image", "mask", "depth", "keypoints")}
+        real = {k: v for k, v in samples[i].items() if k != "name"}
         strips += [label_panels(real, colors), label_panels(prediction_sample(result, i), colors)]
     save_image_atomic(strip_sheet(strips, columns=2), Path(out_dir) / "preview.png")
     return model, summary

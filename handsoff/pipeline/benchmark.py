@@ -21,9 +21,10 @@ from handsoff.fileio import atomic_write_bytes, atomic_write_json
 from handsoff.metrics.labels import HEADLINE, results_table
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
+from handsoff.tasks import TASK_NAMES
 
 HEADS_GENERATOR = "heads-64"
-TASKS = ["seg", "kp", "depth"]
+TASKS = list(TASK_NAMES)  # every registered task
 
 # Sizes for `handsoff demo`: every stage on the shipped generator in < 20 minutes on a 2-core CPU. 1,112 samples
 # leave 1,001 after the 10% most uncertain are dropped. Downstream: the U-Net on ResNet-18 (full-resolution

@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
-from handsoff.label_generator.tasks import KEYPOINT_SIGMA
+from handsoff.tasks import KEYPOINT_SIGMA, TASK_NAMES
 
-TaskName = Literal["seg", "kp", "depth"]
+TaskName = Literal[TASK_NAMES]  # the registered tasks (handsoff.tasks.TASKS)
 
 
 class Section(BaseModel):
@@ -72,7 +72,7 @@ class GenerationSettings(Section):
     n: int = Field(10000, ge=1)
     truncation: float = Field(0.7, gt=0)
     filter_top: float = Field(0.1, ge=0, lt=1)
-    filter_by: Literal["combined", "seg", "kp", "depth"] = "combined"
+    filter_by: Literal[("combined", *TASK_NAMES)] = "combined"
     batch: int = Field(16, ge=1)
     format: Literal["folder", "webdataset"] = "folder"
     keep_filtered: bool = False

@@ -199,8 +199,7 @@ def _sample_strips(model, entries: list[dict], colors) -> list[tuple[dict, Image
         result = model.predict_z(z, truncation_psi=e.get("truncation", 0.7))
         strip = label_panels(prediction_sample(result, 0), colors)
         size = result["label_size"]
-        heat = [heat_to_rgb(result[t][0]["uncertainty"].cpu().numpy(), vmax=None) for t in ("seg", "depth")
-                if t in result]
+        heat = [heat_to_rgb(result[t.name][0]["uncertainty"].cpu().numpy(), vmax=None) for t in result["tasks"]]
         if heat:
             h = Image.fromarray(np.concatenate(heat, 1)).resize((size * len(heat) * 2, size * 2), Image.NEAREST)
             both = Image.new("RGB", (strip.width + h.width + 4, strip.height), (255, 255, 255))

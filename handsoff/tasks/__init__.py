@@ -1,0 +1,44 @@
+"""Tasks: segmentation, keypoints, depth. Each is one module with one class implementing ``Task`` (base.py);
+``TASKS`` registers them by name. Adding a task: write its module, add it here (see the README)."""
+
+from __future__ import annotations
+
+from handsoff.errors import UsageError
+from handsoff.tasks.base import Task, TaskBase, entropy, top_fraction_mean
+from handsoff.tasks.depth import Depth
+from handsoff.tasks.keypoints import KEYPOINT_SIGMA, Keypoints, gaussian_heat, heatmaps
+from handsoff.tasks.segmentation import Segmentation, soft_dice_loss
+
+TASKS: dict[str, type] = {cls.name: cls for cls in (Segmentation, Keypoints, Depth)}
+ALIASES = {alias: cls.name for cls in TASKS.values() for alias in (cls.name, *cls.aliases)}
+TASK_NAMES = tuple(TASKS)
+
+
+def task_from_config(config: dict) -> Task:
+    """Rebuild a task from ``task.config()`` (its name, settings and fitted values)."""
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    return TASKS[config["name"]](**kwargs)
+
+
+def tasks_from_card(names: list[str], card, **settings) -> list[Task]:
+    """Task objects for ``names`` labeled as ``card`` declares (classes, keypoint names); UsageError where the
+    card lacks a task's labels. ``settings`` go to each task's ``from_card`` (min_class_pixels, keypoint_sigma)."""
+    return [TASKS[name].from_card(card, **settings) for name in names]
+
+
+def parse_task_names(text: str) -> list[str]:
+    """'seg,kp,depth' (or full names) -> canonical names, in that order, no duplicates."""
+    names = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part not in ALIASES:
+            raise UsageError(f"unknown task {part!r}; choose from {', '.join(TASK_NAMES)}")
+        if ALIASES[part] not in names:
+            names.append(ALIASES[part])
+    if not names:
+        raise UsageError(f"no task given; choose from {', '.join(TASK_NAMES)}")
+    return names
+
+
+__all__ = ["ALIASES", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES", "Task",
+           "TaskBase", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "soft_dice_loss",
+           "task_from_config", "tasks_from_card", "top_fraction_mean"]

@@ -1,0 +1,109 @@
+"""The Task protocol: everything that differs between segmentation, keypoints and depth, in one place per task.
+
+A task is one module (segmentation.py, keypoints.py, depth.py) holding one class and its registration in
+``handsoff.tasks.TASKS``. The stages never switch on task names: they ask each task object.
+
+Label generator (each task owns ``out_channels`` of the ensemble's output; M members, P sampled pixels):
+    fit(samples)                          fitted values from the training labels (depth normalization); optional
+    prepare(sample, size) -> Tensor       the sample's label as per-pixel targets at label size L
+    targets(prepared, indices, size)      targets at flat label-pixel indices (P,)
+    loss(outputs (P, M, C), targets)      scalar, mean over members and pixels
+    constant_loss(targets) -> float       the loss of the best constant prediction (a yardstick)
+    decode(outputs (M, C, H, W)) -> dict  {"label", "uncertainty" (H, W), "score" (image uncertainty), ...}
+    calibrate(model, ws, prepared)        settings fitted on the trained model's predictions (keypoint
+                                          visibility); returns a summary entry or None
+    label(decoded) -> np.ndarray          the decoded label as the dataset layout stores it in a sample
+    card_fields() -> dict                 what the card of a dataset of its labels declares (DatasetCard fields)
+Downstream network (a head with ``out_channels`` channels at the input resolution):
+    downstream_loss(output (B, C, H, W), batch) -> scalar
+    metric_update(state, output, batch) -> state;  metric_result(state, image_size) -> dict of metrics
+Data: ``sample_key`` (the label's key in a sample dict: "mask", "keypoints", "depth"), ``card_field`` (the dataset
+card attribute that declares it), ``from_card(card, **settings)``, and ``label_names`` / ``names_in(card)`` (class or
+keypoint names, which every dataset a model meets must share); ``config()`` / ``task_from_config`` save and rebuild
+a task with its fitted values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+TOP_FRACTION = 0.1  # image uncertainty score = mean of its most uncertain 10% of pixels (HandsOff)
+
+
+def top_fraction_mean(values: torch.Tensor, fraction: float = TOP_FRACTION) -> float:
+    flat = values.reshape(-1)
+    k = max(1, int(math.ceil(fraction * flat.numel())))
+    return float(flat.topk(k).values.mean())
+
+
+def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
+    return -(p * p.clamp(min=1e-12).log()).sum(dim)
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: ClassVar[str]            # short name in configs and on the command line
+    aliases: ClassVar[tuple[str, ...]]  # other accepted spellings ("segmentation")
+    sample_key: ClassVar[str]      # key of the label in a sample dict / batch
+    card_field: ClassVar[str]      # DatasetCard attribute that is None when a dataset lacks this label
+    card_label: ClassVar[str]      # what the dataset would need, for messages ("masks")
+    fitted: ClassVar[tuple[str, ...]]  # config keys set by fitting, not chosen by the user
+    out_channels: int
+
+    @classmethod
+    def from_card(cls, card, **settings) -> Task: ...
+    @classmethod
+    def names_in(cls, card) -> list[str] | None: ...
+    @property
+    def label_names(self) -> list[str] | None: ...
+    def config(self) -> dict: ...
+    def fit(self, samples) -> None: ...
+    def prepare(self, sample: dict, size: int) -> torch.Tensor: ...
+    def targets(self, prepared: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor: ...
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def constant_loss(self, targets: torch.Tensor) -> float: ...
+    def decode(self, outputs: torch.Tensor) -> dict: ...
+    def calibrate(self, model, ws: torch.Tensor, prepared: list[torch.Tensor]) -> dict | None: ...
+    def label(self, decoded: dict) -> np.ndarray: ...
+    def card_fields(self) -> dict: ...
+    def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor: ...
+    def metric_update(self, state, output: torch.Tensor, batch: dict): ...
+    def metric_result(self, state, image_size: int) -> dict: ...
+
+
+class TaskBase:
+    """Defaults for the optional hooks; a task overrides what it needs."""
+
+    aliases: ClassVar[tuple[str, ...]] = ()
+    fitted: ClassVar[tuple[str, ...]] = ()
+
+    def fit(self, samples) -> None:
+        """Nothing to fit from the labels (``samples`` is a lazy iterable, left unread)."""
+
+    def calibrate(self, model, ws: torch.Tensor, prepared: list[torch.Tensor]) -> dict | None:
+        return None
+
+    def targets(self, prepared: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
+        return prepared[indices]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """The names this task's channels stand for (classes, keypoints), or None (depth)."""
+        return None
+
+    @classmethod
+    def names_in(cls, card) -> list[str] | None:
+        """The label names ``card`` declares for this task; datasets a model meets must declare the same."""
+        return None
+
+    @classmethod
+    def require(cls, card, where: str = "the labeled dataset") -> None:
+        """Raise UsageError unless ``card`` declares this task's labels."""
+        from handsoff.errors import UsageError
+
+        if getattr(card, cls.card_field) is None:
+            raise UsageError(f"task {cls.name}: {where} has no {cls.card_label} (its dataset.json declares none)")

@@ -1,0 +1,105 @@
+"""Depth: one value per pixel (dataset layout: ``depth/NAME.npy`` float or ``depth/NAME.png`` 16-bit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from handsoff.errors import DataError
+from handsoff.metrics.labels import depth_errors
+from handsoff.tasks.base import TaskBase, top_fraction_mean
+
+NORMALIZATION_SAMPLES = 200  # depth maps per dataset that fix the downstream network's normalization
+
+
+class Depth(TaskBase):
+    """Per-pixel depth regression in a normalized log space: t = (log(d) - mean) / std, with mean and std of
+    log depth over the training labels (``fit``); the inverse is d = exp(t * std + mean). MSE on valid (finite,
+    > 0) pixels. Label generator: label = inverse of the members' mean; uncertainty = the members' variance (in t
+    units). Downstream metrics: MSE, RMSE, RMSE-log and nMSE on valid pixels."""
+
+    name = "depth"
+    sample_key = "depth"
+    card_field = "depth_format"
+    card_label = "depth maps"
+    fitted = ("log_mean", "log_std")  # config keys a fit computes (not inputs to it)
+    out_channels = 1
+
+    def __init__(self, log_mean: float = 0.0, log_std: float = 1.0):
+        self.log_mean, self.log_std = float(log_mean), float(log_std)
+
+    @classmethod
+    def from_card(cls, card, **_) -> Depth:
+        cls.require(card)
+        return cls()
+
+    def config(self) -> dict:
+        return {"name": self.name, "log_mean": self.log_mean, "log_std": self.log_std}
+
+    def fit(self, samples) -> None:
+        """Normalization from the depth maps of ``samples`` (an iterable of sample dicts)."""
+        self.fit_normalization([np.asarray(s["depth"]) for s in samples])
+
+    def fit_normalization(self, depths: list[np.ndarray]) -> None:
+        logs = np.concatenate([np.log(d[np.isfinite(d) & (d > 0)]) for d in depths])
+        if logs.size == 0:
+            raise DataError("no valid (finite, positive) depth values in the training labels")
+        self.log_mean, self.log_std = float(logs.mean()), float(max(logs.std(), 1e-6))
+
+    def forward_transform(self, depth: torch.Tensor) -> torch.Tensor:
+        return (depth.clamp(min=1e-12).log() - self.log_mean) / self.log_std
+
+    def inverse(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(t * self.log_std + self.log_mean)
+
+    # --- label generator ---------------------------------------------------------------------------------------
+
+    def prepare(self, sample: dict, size: int) -> torch.Tensor:
+        depth = torch.from_numpy(np.asarray(sample["depth"], np.float32))
+        if depth.shape != (size, size):
+            raise DataError(f"{sample['name']}: depth is {depth.shape[1]}x{depth.shape[0]}, labels must be "
+                            f"{size}x{size}")
+        valid = torch.isfinite(depth) & (depth > 0)
+        t = torch.where(valid, self.forward_transform(torch.where(valid, depth, torch.ones_like(depth))),
+                        torch.full_like(depth, float("nan")))
+        return t.reshape(-1)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = torch.isfinite(targets)
+        if not valid.any():
+            return outputs.sum() * 0
+        return (outputs[valid, :, 0] - targets[valid, None]).square().mean()
+
+    def constant_loss(self, targets: torch.Tensor) -> float:
+        t = targets[torch.isfinite(targets)]
+        return float((t - t.mean()).square().mean())
+
+    def decode(self, outputs: torch.Tensor) -> dict:
+        t = outputs.float()[:, 0]                               # (M, H, W)
+        var = t.var(0, unbiased=False)
+        return {"label": self.inverse(t.mean(0)), "uncertainty": var, "score": top_fraction_mean(var)}
+
+    def label(self, decoded: dict) -> np.ndarray:
+        return decoded["label"].cpu().numpy().astype(np.float32)
+
+    def card_fields(self) -> dict:
+        return {"depth_format": "npy"}  # generated depth is stored exactly
+
+    # --- downstream ----------------------------------------------------------------------------------------------
+
+    def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        d = batch["depth"]
+        valid = torch.isfinite(d) & (d > 0)
+        t = self.forward_transform(torch.where(valid, d, torch.ones_like(d)))
+        return ((output - t) ** 2)[valid].mean() if valid.any() else output.sum() * 0
+
+    def metric_update(self, state, output: torch.Tensor, batch: dict):
+        state = state or ([], [])
+        state[0].extend(self.inverse(output[:, 0]))
+        state[1].extend(batch["depth"][:, 0])
+        return state
+
+    def metric_result(self, state, image_size: int) -> dict:
+        result = {"depth": depth_errors(*state)}
+        result.update({f"depth_{k}": v for k, v in result["depth"].items()})
+        return result

@@ -1,0 +1,119 @@
+"""Semantic segmentation: K classes per pixel (dataset layout: ``masks/NAME.png`` of class ids)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from handsoff.errors import DataError
+from handsoff.metrics.labels import confusion_matrix, miou
+from handsoff.tasks.base import TaskBase, entropy, top_fraction_mean
+
+
+def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over the classes present in the batch's masks or predictions.
+
+    logits (B, K, H, W), mask (B, H, W) int64. Every class weighs the same, so a part of a few pixels (an eye at
+    64 px) pulls as hard as the background; with cross-entropy alone such parts are learned only after the
+    large classes, far later in training (mIoU also weighs classes equally)."""
+    probs = logits.softmax(1)
+    onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    inter = (probs * onehot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = (2 * inter + 1.0) / (total + 1.0)
+    return 1 - dice[present].mean()
+
+
+class Segmentation(TaskBase):
+    """K-class segmentation.
+
+    Label generator: cross-entropy per member; label = mode of the members' votes; uncertainty = Jensen-Shannon
+    divergence of the members' distributions, H(mean p) - mean H(p_m), per pixel. ``min_class_pixels``: in each
+    training mask, classes covering fewer pixels become background (HandsOff uses 30 at 512 px; None scales that
+    to the label resolution, at least 1 pixel).
+    Downstream: cross-entropy plus soft Dice; metrics: dataset-level mIoU and IoU per class.
+    """
+
+    name = "seg"
+    aliases = ("segmentation",)
+    sample_key = "mask"
+    card_field = "classes"
+    card_label = "masks"
+    fitted = ()  # config keys a fit computes (not inputs to it)
+
+    def __init__(self, classes: list[str], min_class_pixels: int | None = None):
+        self.classes = list(classes)
+        self.out_channels = len(classes)
+        self.min_class_pixels = min_class_pixels
+
+    @classmethod
+    def from_card(cls, card, min_class_pixels: int | None = None, **_) -> Segmentation:
+        cls.require(card)
+        return cls(card.classes, min_class_pixels)
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.classes
+
+    @classmethod
+    def names_in(cls, card) -> list[str] | None:
+        return getattr(card, cls.card_field)
+
+    def config(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "min_class_pixels": self.min_class_pixels}
+
+    # --- label generator ---------------------------------------------------------------------------------------
+
+    def clean_mask(self, mask: np.ndarray) -> np.ndarray:
+        size = mask.shape[0]
+        threshold = self.min_class_pixels if self.min_class_pixels is not None else \
+            max(1, round(30 * (size / 512) ** 2))
+        counts = np.bincount(mask.reshape(-1), minlength=self.out_channels)
+        small = (counts > 0) & (counts < threshold)
+        small[0] = False
+        return np.where(small[mask], 0, mask) if small.any() else mask
+
+    def prepare(self, sample: dict, size: int) -> torch.Tensor:
+        mask = sample["mask"]
+        if mask.shape != (size, size):
+            raise DataError(f"{sample['name']}: mask is {mask.shape[1]}x{mask.shape[0]}, labels must be "
+                            f"{size}x{size}")
+        return torch.from_numpy(self.clean_mask(mask).astype(np.int64)).reshape(-1)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        p, m, k = outputs.shape
+        return F.cross_entropy(outputs.reshape(p * m, k), targets.repeat_interleave(m))
+
+    def constant_loss(self, targets: torch.Tensor) -> float:
+        freq = torch.bincount(targets, minlength=self.out_channels).double() / len(targets)
+        return float(entropy(freq, 0))
+
+    def decode(self, outputs: torch.Tensor) -> dict:
+        probs = outputs.float().softmax(1)                       # (M, K, H, W)
+        votes = F.one_hot(probs.argmax(1), self.out_channels).sum(0).float()  # (H, W, K)
+        mean = probs.mean(0)                                     # (K, H, W)
+        label = (votes + 1e-3 * mean.permute(1, 2, 0)).argmax(-1)  # ties go to the higher mean probability
+        js = (entropy(mean, 0) - entropy(probs, 1).mean(0)).clamp(min=0)
+        return {"label": label, "probabilities": mean, "uncertainty": js, "score": top_fraction_mean(js)}
+
+    def label(self, decoded: dict) -> np.ndarray:
+        return decoded["label"].cpu().numpy().astype(np.int64)
+
+    def card_fields(self) -> dict:
+        return {"classes": self.classes}
+
+    # --- downstream ----------------------------------------------------------------------------------------------
+
+    def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(output, batch["mask"]) + soft_dice_loss(output, batch["mask"])
+
+    def metric_update(self, state, output: torch.Tensor, batch: dict):
+        c = confusion_matrix(output.argmax(1), batch["mask"], self.out_channels)
+        return c if state is None else state + c
+
+    def metric_result(self, state, image_size: int) -> dict:
+        result = {"segmentation": miou(state, self.classes)}
+        result["miou"] = result["segmentation"]["miou"]
+        return result
