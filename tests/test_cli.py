@@ -152,6 +152,32 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
             assert settings.model_fields[field].get_default(call_default_factory=True) == cli[field], (command, field)
             compared += 1
     assert compared == 39
+    # ... and the stage functions the CLI and `run` call take the same defaults (renamed where noted).
+    import dataclasses
+
+    from handsoff.downstream import train_downstream
+    from handsoff.generation import GenerationConfig
+    from handsoff.inversion import invert_folder
+    from handsoff.label_generator import fit_from_folder, fit_label_generator
+
+    def signature_defaults(*functions):
+        return {name: p.default for f in functions for name, p in inspect.signature(f).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    renamed = {"pixels": "pixels_per_image", "batch": "batch_size", "format": "fmt"}
+    generation = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                  for f in dataclasses.fields(GenerationConfig)}
+    stage_compared = 0
+    for settings, stage in ((InversionSettings, signature_defaults(invert_folder)),
+                            (LabelGeneratorSettings, signature_defaults(fit_from_folder, fit_label_generator)),
+                            (GenerationSettings, generation), (DownstreamSettings, signature_defaults(train_downstream))):
+        for field in settings.model_fields:
+            name = renamed.get(field, field)
+            if name in stage and stage[name] is not dataclasses.MISSING:
+                assert settings.model_fields[field].get_default(call_default_factory=True) == stage[name], \
+                    (settings.__name__, field)
+                stage_compared += 1
+    assert stage_compared == 28, stage_compared
     signature = inspect.signature(run_benchmark).parameters
     cli = _defaults("benchmark")
     for option in ("validation", "test", "oracle", "generated"):

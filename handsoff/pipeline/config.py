@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
-from handsoff.tasks import KEYPOINT_SIGMA, TASK_NAMES
+from handsoff.tasks import KEYPOINT_SIGMA, TASK_NAMES, Segmentation
 
 TaskName = Literal[TASK_NAMES]  # the registered tasks (handsoff.tasks.TASKS)
 
@@ -142,7 +142,7 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _quota_needs_seg(self) -> PipelineConfig:
-        if self.generation.min_class_fraction and "seg" not in self.tasks:
+        if self.generation.min_class_fraction and Segmentation.name not in self.tasks:
             raise ValueError("generation.min_class_fraction needs the seg task")
         return self
 
