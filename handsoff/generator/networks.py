@@ -287,7 +287,22 @@ class SynthesisNetwork(nn.Module):
         return (img, features) if return_features else img
 
 
-class Generator(nn.Module):
+class MappedGenerator(nn.Module):
+    """What every generator here shares: ``G(z)`` is ``G.synthesis(G.mapping(z))``, and ``G.w_avg``."""
+
+    mapping: MappingNetwork
+
+    @property
+    def w_avg(self) -> torch.Tensor:
+        return self.mapping.w_avg
+
+    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
+                noise_mode: str = "const", return_features: bool = False, force_fp32: bool = False):
+        ws = self.mapping(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        return self.synthesis(ws, noise_mode=noise_mode, return_features=return_features, force_fp32=force_fp32)
+
+
+class Generator(MappedGenerator):
     """StyleGAN2 generator with NVIDIA's API: ``G.mapping``, ``G.synthesis``, ``G(z)``.
 
     Keyword arguments are the whole config (stored in ``G.config`` and in saved checkpoints):
@@ -314,15 +329,6 @@ class Generator(nn.Module):
         self.mapping = MappingNetwork(z_dim, w_dim, self.synthesis.n_latent, n_mlp, mapping_lr_mul)
         self.z_dim, self.w_dim, self.n_latent = z_dim, w_dim, self.synthesis.n_latent
         self.img_resolution, self.img_channels = resolution, img_channels
-
-    @property
-    def w_avg(self) -> torch.Tensor:
-        return self.mapping.w_avg
-
-    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-                noise_mode: str = "const", return_features: bool = False, force_fp32: bool = False):
-        ws = self.mapping(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, noise_mode=noise_mode, return_features=return_features, force_fp32=force_fp32)
 
 
 class Conv2dLayer(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handsoff.generator.networks import FullyConnected, MappingNetwork, reduced_dtype
+from handsoff.generator.networks import NOISE_MODES, FullyConnected, MappedGenerator, MappingNetwork, reduced_dtype
 
 ARCHITECTURE = "stylegan3"
 
@@ -265,7 +265,6 @@ class SynthesisNetwork(nn.Module):
         StyleGAN3 has no noise inputs, so ``noise_mode`` only is checked. With ``return_features`` returns
         (img, features): num_layers + 1 maps (B, C_i, r_i, r_i), each cropped to the image extent.
         """
-        from handsoff.generator.networks import NOISE_MODES
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         if ws.ndim == 2:
@@ -291,7 +290,7 @@ class SynthesisNetwork(nn.Module):
         return x[:, :, m:x.shape[2] - m, m:x.shape[3] - m] if m else x
 
 
-class StyleGAN3Generator(nn.Module):
+class StyleGAN3Generator(MappedGenerator):
     """StyleGAN3 generator with the API of ``networks.Generator``: ``G.mapping``, ``G.synthesis``, ``G(z)``.
 
     Keyword arguments are the whole config (stored in ``G.config`` with ``architecture="stylegan3"``):
@@ -325,12 +324,3 @@ class StyleGAN3Generator(nn.Module):
         self.mapping = MappingNetwork(z_dim, w_dim, self.synthesis.n_latent, n_mlp, mapping_lr_mul)
         self.z_dim, self.w_dim, self.n_latent = z_dim, w_dim, self.synthesis.n_latent
         self.img_resolution, self.img_channels = resolution, img_channels
-
-    @property
-    def w_avg(self) -> torch.Tensor:
-        return self.mapping.w_avg
-
-    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-                noise_mode: str = "const", return_features: bool = False, force_fp32: bool = False):
-        ws = self.mapping(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, noise_mode=noise_mode, return_features=return_features, force_fp32=force_fp32)
