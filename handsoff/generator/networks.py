@@ -44,6 +44,18 @@ def reduced_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def check_synthesis_inputs(ws: torch.Tensor, noise_mode: str, n_latent: int, w_dim: int) -> torch.Tensor:
+    """ws as float32 (B, n_latent, w_dim) (a (B, w_dim) w is broadcast to every layer); ValueError for a bad shape
+    or noise mode."""
+    if noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+    if ws.ndim == 2:
+        ws = ws[:, None, :].expand(-1, n_latent, -1)
+    if ws.ndim != 3 or ws.shape[1:] != (n_latent, w_dim):
+        raise ValueError(f"ws must have shape (batch, {n_latent}, {w_dim}) or (batch, {w_dim}), got {tuple(ws.shape)}")
+    return ws.float()
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
@@ -262,14 +274,7 @@ class SynthesisNetwork(nn.Module):
             (img, features) where features is a list of 2 * log2(R) - 2 maps: the constant input, the 4x4 conv,
             then both convs of every higher resolution, each (B, C_i, r_i, r_i) in its block's compute dtype.
         """
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if ws.ndim == 2:
-            ws = ws[:, None, :].expand(-1, self.n_latent, -1)
-        if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.w_dim):
-            raise ValueError(f"ws must have shape (batch, {self.n_latent}, {self.w_dim}) or (batch, {self.w_dim}), "
-                             f"got {tuple(ws.shape)}")
-        ws = ws.float()
+        ws = check_synthesis_inputs(ws, noise_mode, self.n_latent, self.w_dim)
         features: list[torch.Tensor] | None = [] if return_features else None
         low = reduced_dtype(ws.device)
         x = img = None

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handsoff.generator.networks import NOISE_MODES, FullyConnected, MappedGenerator, MappingNetwork, reduced_dtype
+from handsoff.generator.networks import (
+    FullyConnected,
+    MappedGenerator,
+    MappingNetwork,
+    check_synthesis_inputs,
+    reduced_dtype,
+)
 
 ARCHITECTURE = "stylegan3"
 
@@ -265,14 +271,7 @@ class SynthesisNetwork(nn.Module):
         StyleGAN3 has no noise inputs, so ``noise_mode`` only is checked. With ``return_features`` returns
         (img, features): num_layers + 1 maps (B, C_i, r_i, r_i), each cropped to the image extent.
         """
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if ws.ndim == 2:
-            ws = ws[:, None, :].expand(-1, self.n_latent, -1)
-        if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.w_dim):
-            raise ValueError(f"ws must have shape (batch, {self.n_latent}, {self.w_dim}) or (batch, {self.w_dim}), "
-                             f"got {tuple(ws.shape)}")
-        ws = ws.float()
+        ws = check_synthesis_inputs(ws, noise_mode, self.n_latent, self.w_dim)
         low = reduced_dtype(ws.device)
         x = self.input(ws[:, 0])
         features = [self._crop(x, self.geometry[0])] if return_features else None
