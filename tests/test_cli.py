@@ -170,7 +170,8 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
     stage_compared = 0
     for settings, stage in ((InversionSettings, signature_defaults(invert_folder)),
                             (LabelGeneratorSettings, signature_defaults(fit_from_folder, fit_label_generator)),
-                            (GenerationSettings, generation), (DownstreamSettings, signature_defaults(train_downstream))):
+                            (GenerationSettings, generation),
+                            (DownstreamSettings, signature_defaults(train_downstream))):
         for field in settings.model_fields:
             name = renamed.get(field, field)
             if name in stage and stage[name] is not dataclasses.MISSING:

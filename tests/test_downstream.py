@@ -8,8 +8,8 @@ from handsoff.cli import main
 from handsoff.domains.heads import write_heads_dataset
 from handsoff.downstream import DenseModel, load_downstream
 from handsoff.downstream.model import build_backbone, load_backbone_weights
-from handsoff.tasks import heatmaps, soft_dice_loss
 from handsoff.generator import CheckpointError
+from handsoff.tasks import heatmaps, soft_dice_loss
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Differentiable augmentation that keeps labels aligned (after ADA, Karras et al., NeurIPS 2020).
+"""Differentiable augmentation of images for GAN training (ADA, Karras et al., NeurIPS 2020).
 
 Every operation is applied to each sample independently with probability ``p``. The geometric ones (x-flip,
 90-degree rotation, integer translation, isotropic scaling, rotation, anisotropic scaling, fractional
@@ -8,13 +8,11 @@ hue rotation) compose into one 4x4 matrix on homogeneous RGB. Everything is diff
 images, which is what GAN training needs: the discriminator sees augmented reals *and* augmented fakes, and the
 generator's gradient flows through the augmentation.
 
-Labels go through the same geometry: masks with nearest-neighbour sampling, depth likewise (no invented depths
-at object borders), keypoints by the inverse matrix (and a left/right permutation on reflections). Colour
-operations touch images only.
+Images only: labels never pass through GAN training. The one label-aware augmentation (crops, resizing and flips
+that keep masks, depth and keypoints aligned) is the downstream dataset's (``handsoff.data.dataset``).
 
-Conventions: images (B, C, H, W) float in about [-1, 1]; masks (B, H, W) int64; depth (B, 1, H, W) float;
-keypoints (B, K, 3) as (x, y, visibility) in pixels with pixel centres at +0.5. Matrices act on normalized
-coordinates in [-1, 1] (``align_corners=False``) and map *output* positions to *input* positions.
+Conventions: images (B, C, H, W) float in about [-1, 1]. Matrices act on normalized coordinates in [-1, 1]
+(``align_corners=False``) and map *output* positions to *input* positions.
 """
 
 from __future__ import annotations
@@ -165,33 +163,9 @@ def _rotate_about(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 
 
 def warp(x: torch.Tensor, matrix: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Resample x (B, C, H, W) through ``matrix`` (B, 3, 3), reflection padding; mode 'bilinear' or 'nearest'."""
-    grid = F.affine_grid(matrix[:, :2, :].to(x.dtype if x.is_floating_point() else torch.float32),
-                         list(x.shape), align_corners=False)
-    src = x if x.is_floating_point() else x.float()
-    out = F.grid_sample(src, grid.to(src.dtype), mode=mode, padding_mode="reflection", align_corners=False)
-    return out if x.is_floating_point() else out.round().to(x.dtype)
-
-
-def warp_keypoints(keypoints: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int],
-                   flip_permutation: torch.Tensor | None = None) -> torch.Tensor:
-    """Move keypoints (B, K, 3) = (x, y, visibility) in pixels to where ``warp`` puts their pixels.
-
-    Points that leave the image become invisible. Where a transform is a reflection (negative determinant), the
-    points are re-indexed by ``flip_permutation`` (K,) so that 'left eye' still names the left eye.
-    """
-    h, w = size
-    kp = keypoints.clone()
-    norm = torch.stack([kp[..., 0] * 2 / w - 1, kp[..., 1] * 2 / h - 1, torch.ones_like(kp[..., 0])], -1)
-    moved = norm @ torch.linalg.inv(matrix).transpose(1, 2)
-    kp[..., 0] = (moved[..., 0] + 1) * w / 2
-    kp[..., 1] = (moved[..., 1] + 1) * h / 2
-    outside = (kp[..., 0] < 0) | (kp[..., 0] >= w) | (kp[..., 1] < 0) | (kp[..., 1] >= h)
-    kp[..., 2] = torch.where(outside, torch.zeros_like(kp[..., 2]), kp[..., 2])
-    if flip_permutation is not None:
-        reflected = torch.linalg.det(matrix[:, :2, :2]) < 0
-        kp = torch.where(reflected[:, None, None], kp[:, flip_permutation.to(kp.device)], kp)
-    return kp
+    """Resample x (B, C, H, W) float through ``matrix`` (B, 3, 3), reflection padding; 'bilinear' or 'nearest'."""
+    grid = F.affine_grid(matrix[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
 
 
 def apply_color(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -205,32 +179,15 @@ def apply_color(images: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, p: float, generator: torch.Generator | None = None, *,
-            masks: torch.Tensor | None = None, depth: torch.Tensor | None = None,
-            keypoints: torch.Tensor | None = None, flip_permutation: torch.Tensor | None = None,
             geometric_ops: tuple[str, ...] = GEOMETRIC_OPS, color_ops: tuple[str, ...] = COLOR_OPS) -> dict:
-    """Augment a batch and its labels consistently; returns a dict with the same keys that were given.
-
-    With p == 0 the inputs are returned unchanged (no resampling at all).
-    """
+    """Augment a batch of images (B, 3, H, W); returns {"images": ...}. With p == 0 the input is returned
+    unchanged (no resampling at all)."""
     out = {"images": images}
-    if masks is not None:
-        out["masks"] = masks
-    if depth is not None:
-        out["depth"] = depth
-    if keypoints is not None:
-        out["keypoints"] = keypoints
     if p <= 0:
         return out
     b, _, h, w = images.shape
     if geometric_ops:
-        m = sample_geometry(b, p, (h, w), generator, images.device, geometric_ops)
-        out["images"] = warp(images, m)
-        if masks is not None:
-            out["masks"] = warp(masks[:, None], m, mode="nearest")[:, 0]
-        if depth is not None:
-            out["depth"] = warp(depth, m, mode="nearest")
-        if keypoints is not None:
-            out["keypoints"] = warp_keypoints(keypoints, m, (h, w), flip_permutation)
+        out["images"] = warp(images, sample_geometry(b, p, (h, w), generator, images.device, geometric_ops))
     if color_ops:
         out["images"] = apply_color(out["images"], sample_color(b, p, generator, images.device, color_ops))
     return out
