@@ -13,6 +13,9 @@ Variants:
                implementations), fp32, contiguous tensors
     fp32       handsoff: modulated activations, one shared-weight conv, fused elementwise work, fp32
     bf16       the same in bfloat16, channels-last (every block but 4x4, as NVIDIA's num_fp16_res)
+
+After each size, the precision that ``--precision auto`` picks on this CPU (``runtime.reduced_precision_pays``) and
+its speed against fp32: it must never be below 1 by more than noise.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def main() -> None:
 
     import torch
 
+    from handsoff.runtime import bf16_speedup, reduced_precision_pays
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.reps} reps")
     header = (f"{'widths':6} {'res':>4} {'allocator':9} {'variant':9} {'img/s':>8} {'peak RSS MiB':>13} "
               f"{'x ref (same alloc)':>18} {'x ref (default alloc)':>21}")
@@ -95,6 +100,11 @@ def main() -> None:
                     default = r["images_per_s"] / results["default", "reference"]["images_per_s"]
                     print(f"{widths:6} {res:>4} {allocator:9} {variant:9} {r['images_per_s']:8.2f} "
                           f"{r['peak_rss_mib']:13.0f} {same:18.2f} {default:21.2f}", flush=True)
+            # What precision 'auto' picks on this CPU, and what that choice is worth here against float32.
+            chosen = "bf16" if reduced_precision_pays(torch.device("cpu")) else "fp32"
+            ratio = results["tuned", chosen]["images_per_s"] / results["tuned", "fp32"]["images_per_s"]
+            print(f"{widths:6} {res:>4} auto picks {chosen} (micro-benchmark: bf16 {bf16_speedup():.2f}x fp32); "
+                  f"picked / fp32 = {ratio:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -548,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["ada", "fixed", "none"], default=T.augment)
     p.add_argument("--augment-p", type=PROBABILITY, default=T.augment_p, help="initial (ada) or fixed probability")
     p.add_argument("--ada-target", type=PROBABILITY, default=T.ada_target)
-    p.add_argument("--precision", choices=["mixed", "fp32"], default=T.precision,
-                   help="mixed: bf16 (CPU) / fp16 (CUDA) in the --fp16-res highest resolutions")
+    p.add_argument("--precision", choices=["auto", "mixed", "fp32"], default=T.precision,
+                   help="mixed: bf16 (CPU) / fp16 (CUDA) in the --fp16-res highest resolutions; auto: mixed on CUDA, "
+                   "and on a CPU only where bf16 measures faster than fp32 (measured once per machine, cached)")
     p.add_argument("--fp16-res", type=NONNEGATIVE_INT, default=T.num_fp16_res)
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=T.seed)
     p.add_argument("--device", default=T.device, help="auto, cpu, cuda, ...")

@@ -21,6 +21,20 @@ def networks_16px() -> tuple[Generator, Discriminator]:
     return G, randomize(Discriminator(resolution=16, channel_base=256, channel_max=16), seed=2).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Per-machine caches (the bf16 measurement) go to a folder of this test session, not the user's home."""
+    import os
+
+    saved = os.environ.get("HANDSOFF_CACHE")
+    os.environ["HANDSOFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("HANDSOFF_CACHE", None)
+    else:
+        os.environ["HANDSOFF_CACHE"] = saved
+
+
 # StyleGAN3 configs 't' and 'r' at 16 px: four layers (two critically sampled), narrow widths.
 STYLEGAN3_16PX = {
     "t": dict(resolution=16, z_dim=16, w_dim=16, n_mlp=1, channel_base=256, channel_max=16, num_layers=4),

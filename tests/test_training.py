@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import numpy as np
@@ -185,3 +186,27 @@ def test_state_is_split_safetensors_and_a_legacy_state_pt_resumes(tmp_path, head
     assert not (legacy / "state.pt").exists() and read_state(legacy)["images_seen"] == 32
     for key, value in read_state(run)["G_ema"].items():
         torch.testing.assert_close(read_state(legacy)["G_ema"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_precision_follows_the_measurement_and_caches_it(tmp_path, monkeypatch):
+    """'auto' runs bf16 on a CPU only where bf16 measured faster than float32; the measurement runs once per CPU,
+    torch version and thread count and is cached; CUDA always takes reduced precision."""
+    from handsoff import runtime
+    from handsoff.generator.training import TrainingConfig
+
+    measured = runtime.measure_bf16_speedup(channels=8, size=8, batch=1, repeats=1)
+    assert math.isfinite(measured) and measured > 0
+    calls = []
+    monkeypatch.setenv("HANDSOFF_CACHE", str(tmp_path / "cache"))
+    for speedup, mixed in ((0.5, False), (2.0, True)):
+        monkeypatch.setattr(runtime, "measure_bf16_speedup", lambda s=speedup: calls.append(s) or s)
+        (tmp_path / "cache" / "precision.json").unlink(missing_ok=True)
+        config = TrainingConfig(data="unused", out="unused", resolution=16, precision="auto")
+        for _ in range(2):  # measured once, then read from the cache
+            g, d = config.network_kwargs(torch.device("cpu"))
+            assert (g["num_fp16_res"] > 0, d["num_fp16_res"] > 0) == (mixed, mixed)
+        assert runtime.reduced_precision_pays(torch.device("cuda"))
+        assert TrainingConfig(data="u", out="u", precision="fp32").network_kwargs(torch.device("cpu"))[0][
+            "num_fp16_res"] == 0
+    assert calls == [0.5, 2.0]
+    assert json.loads((tmp_path / "cache" / "precision.json").read_text())

@@ -43,7 +43,7 @@ from handsoff.generator.augment import AdaptiveAugmentation, augment
 from handsoff.generator.checkpoints import save_networks
 from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.sampling import latents_for_seeds
-from handsoff.runtime import resolve_device
+from handsoff.runtime import bf16_speedup, reduced_precision_pays, resolve_device
 
 STATE_DIR = "state"
 LEGACY_STATE_FILE = "state.pt"
@@ -76,7 +76,8 @@ class TrainingConfig:
     images; None = 10 * batch / 32 thousand), ema_rampup.
     Augmentation: augment 'ada' (adaptive p toward ada_target), 'fixed' (p = augment_p) or 'none'.
     Precision: 'mixed' runs the num_fp16_res highest resolutions of G and D in bf16 (CPU) / fp16 (CUDA, with
-    conv_clamp 256); 'fp32' runs everything in float32.
+    conv_clamp 256); 'fp32' runs everything in float32; 'auto' (default) is 'mixed' on CUDA and, on a CPU, only
+    where bf16 measures faster than float32 there (``runtime.reduced_precision_pays``), else 'fp32'.
     """
 
     data: str
@@ -106,7 +107,7 @@ class TrainingConfig:
     ada_target: float = 0.6
     ada_interval: int = 4
     ada_speed_images: int = 100_000
-    precision: str = "mixed"
+    precision: str = "auto"
     num_fp16_res: int = 4
     seed: int = 0
     device: str = "auto"
@@ -120,8 +121,8 @@ class TrainingConfig:
         self.betas = tuple(self.betas)
         if self.augment not in ("ada", "fixed", "none"):
             raise TrainingError(f"augment must be 'ada', 'fixed' or 'none', got {self.augment!r}")
-        if self.precision not in ("mixed", "fp32"):
-            raise TrainingError(f"precision must be 'mixed' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto", "mixed", "fp32"):
+            raise TrainingError(f"precision must be 'auto', 'mixed' or 'fp32', got {self.precision!r}")
         per_round = self.batch_per_round or self.batch
         if self.batch % per_round:
             raise TrainingError(f"batch {self.batch} is not a multiple of batch_per_round {per_round}")
@@ -132,9 +133,15 @@ class TrainingConfig:
     def gamma(self) -> float:
         return self.r1_gamma if self.r1_gamma is not None else 0.0002 * self.resolution**2 / self.batch
 
+    def mixed_precision(self, device: torch.device) -> bool:
+        """'mixed' always, 'fp32' never, 'auto' where reduced precision is measured to pay on ``device``
+        (``runtime.reduced_precision_pays``: CUDA, or a CPU whose bf16 is faster than its float32)."""
+        return self.precision == "mixed" or (self.precision == "auto" and reduced_precision_pays(device))
+
     def network_kwargs(self, device: torch.device) -> tuple[dict, dict]:
-        precision = dict(num_fp16_res=self.num_fp16_res if self.precision == "mixed" else 0,
-                         conv_clamp=256.0 if self.precision == "mixed" and device.type == "cuda" else None)
+        mixed = self.mixed_precision(device)
+        precision = dict(num_fp16_res=self.num_fp16_res if mixed else 0,
+                         conv_clamp=256.0 if mixed and device.type == "cuda" else None)
         g = dict(resolution=self.resolution, z_dim=self.z_dim, w_dim=self.w_dim, n_mlp=self.n_mlp,
                  channel_base=self.channel_base, channel_max=self.channel_max, mapping_lr_mul=self.mapping_lr_mul,
                  **precision)
@@ -471,6 +478,10 @@ def train_gan(config: TrainingConfig) -> Path:
     run = Path(config.out)
     data = ImageFolder(config.data, config.resolution)
     state = build_state(config, device)
+    if config.precision == "auto":
+        mixed = state.G.config["num_fp16_res"] > 0
+        why = "CUDA" if device.type == "cuda" else f"bf16 measured {bf16_speedup():.2f}x float32 on this CPU"
+        print(f"precision auto: {'mixed' if mixed else 'fp32'} ({why})")
     if has_state(run):
         _check_resume(run, config)
         # The file records what the run continues with (resumable keys such as precision may have changed).
