@@ -315,6 +315,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train_downstream(args) -> int:
+    from handsoff.distributed import is_main_process
     from handsoff.downstream import train_downstream
     from handsoff.label_generator import parse_task_names
 
@@ -324,8 +325,9 @@ def cmd_train_downstream(args) -> int:
                               seed=args.seed, images_per_epoch=args.images_per_epoch, architecture=args.arch,
                               schedule=args.schedule, device=args.device)
     best = max(result["history"], key=lambda h: h["score"])
-    print(f"wrote {args.out}/model.safetensors (best epoch {best['epoch']} of {len(result['history'])} on the "
-          f"validation split: {json.dumps(best['val'])})")
+    if is_main_process():  # under torchrun: once, from the worker that wrote it
+        print(f"wrote {args.out}/model.safetensors (best epoch {best['epoch']} of {len(result['history'])} on the "
+              f"validation split: {json.dumps(best['val'])})")
     return 0
 
 
@@ -710,10 +712,12 @@ def _output_lock(args):
     same output fails at once. ``generate`` and ``run`` lock inside (rank-aware; the output is in the config)."""
     from contextlib import nullcontext
 
+    from handsoff.distributed import is_main_process
     from handsoff.fileio import output_lock
 
     target = getattr(args, args.writes) if getattr(args, "writes", None) else None
-    return output_lock(target) if target else nullcontext()
+    # Under torchrun every worker runs this command; worker 0 holds the lock for the job.
+    return output_lock(target) if target and is_main_process() else nullcontext()
 
 
 def main(argv: list[str] | None = None) -> int:

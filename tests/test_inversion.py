@@ -42,6 +42,40 @@ def test_optimization_recovers_a_generated_latent(tiny_generator, tiny_discrimin
     torch.testing.assert_close(mse, out["mse"], rtol=1e-4, atol=1e-7)
 
 
+def test_no_graph_outlives_its_step(tiny_generator, tiny_discriminator, monkeypatch):
+    """Memory is flat over steps and batches: when a step's forward pass starts, nothing saved for the backward
+    pass of an earlier one is alive (a graph kept across batches doubled the peak: 6 to 9.4 GB at 256 px)."""
+    import weakref
+
+    import handsoff.inversion.optimize as optimize
+
+    class Saved:  # what autograd keeps for backward, tracked while alive
+        def __init__(self, t):
+            self.t = t
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+
+    def pack(t):
+        s = Saved(t)
+        alive.add(s)
+        return s
+
+    seen = []
+    real = optimize.reconstruction_losses
+
+    def counting(*args):
+        seen.append(len(alive))
+        return real(*args)
+
+    monkeypatch.setattr(optimize, "reconstruction_losses", counting)
+    _, images = _targets(tiny_generator, 4)
+    start = tiny_generator.w_avg[None, None].expand(4, tiny_generator.n_latent, -1).clone()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.t):
+        refine_latents(tiny_generator, images, start, DiscriminatorFeatureDistance(tiny_discriminator), steps=3,
+                       batch=2, progress=False)
+    assert len(seen) == 8 and seen == [0] * 8, seen  # two batches of 3 steps and a final scoring pass
+
+
 def test_learning_rate_schedule():
     assert learning_rate(0, 100, 0.1) == 0
     assert learning_rate(50, 100, 0.1) == pytest.approx(0.1)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from handsoff import distributed
 from handsoff.data.layout import (
     DatasetCard,
     DatasetError,
@@ -73,19 +73,6 @@ class GenerationConfig:
 
 # Class quotas draw at most this many candidates per requested sample before giving up with an error.
 MAX_CANDIDATES_PER_SAMPLE = 20
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initializes torch.distributed (gloo) when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _name(index: int) -> str:
@@ -202,7 +189,7 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
     classes = seg.classes if seg is not None else []
     check_config(config, [t.name for t in model.tasks], classes)
     out = Path(out)
-    rank, world = _distributed()
+    rank, world = distributed.init()
     with output_lock(out) if rank == 0 else contextlib.nullcontext():
         return _generate(model, out, config, classes, rank, world, progress, source)
 
@@ -238,7 +225,7 @@ def _generate(model, out: Path, config: GenerationConfig, classes: list[str], ra
             raise DatasetError(f"{out}: exists and is not an unfinished generation run; choose an empty --out")
         else:
             atomic_write_json(settings_path, {**settings, "producer": producer})
-    _barrier(world)
+    distributed.barrier(world)
     if (out / "dataset.json").exists():
         return out if rank == 0 else None
 
@@ -252,7 +239,7 @@ def _generate(model, out: Path, config: GenerationConfig, classes: list[str], ra
             for b in todo:
                 run_batch(model, out, config, b)
                 bar.update(config.batch)
-        _barrier(world)
+        distributed.barrier(world)
         records = _read_records(out, range(n_batches))
         entries = [e for b in sorted(records) for e in records[b]["samples"]]
         _, full = _quota_selection(entries, config, classes, present)

@@ -60,9 +60,12 @@ def refine_latents(G: Trunk, targets: torch.Tensor, ws_init: torch.Tensor, perce
             best_ws = w0.clone()
             best_mse, best_perc = torch.zeros(len(x)), torch.zeros(len(x))
             for step in range(steps + 1):
-                mse, perc, _ = reconstruction_losses(G, ws, x, perceptual)
-                reg = (ws - w0).square().mean(dim=(1, 2))
-                loss = lambda_perceptual * perc + lambda_mse * mse + lambda_reg * reg
+                # The last pass only scores the final latents: no graph, which would otherwise stay alive (the
+                # whole network's activations) into the next batch's first pass and double its peak memory.
+                with torch.set_grad_enabled(step < steps):
+                    mse, perc, _ = reconstruction_losses(G, ws, x, perceptual)
+                    reg = (ws - w0).square().mean(dim=(1, 2))
+                    loss = lambda_perceptual * perc + lambda_mse * mse + lambda_reg * reg
                 with torch.no_grad():  # keep each image's best latent (the one just evaluated)
                     better = loss < best_loss
                     best_loss = torch.where(better, loss, best_loss)

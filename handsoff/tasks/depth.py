@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from handsoff.distributed import total
 from handsoff.errors import DataError
 from handsoff.metrics.labels import depth_errors
 from handsoff.tasks.base import TaskBase, top_fraction_mean
@@ -91,7 +92,10 @@ class Depth(TaskBase):
         d = batch["depth"]
         valid = torch.isfinite(d) & (d > 0)
         t = self.forward_transform(torch.where(valid, d, torch.ones_like(d)))
-        return ((output - t) ** 2)[valid].mean() if valid.any() else output.sum() * 0
+        # Mean over the valid pixels of the global batch (every worker's under torchrun).
+        count = total(valid.sum().to(output.dtype))
+        squared = total(torch.where(valid, output - t, torch.zeros_like(output)).square().sum())
+        return squared / count if count > 0 else output.sum() * 0
 
     def metric_update(self, state, output: torch.Tensor, batch: dict):
         state = state or ([], [])

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handsoff.distributed import total
 from handsoff.errors import DataError
 from handsoff.metrics.labels import confusion_matrix, miou
 from handsoff.tasks.base import TaskBase, entropy, top_fraction_mean
@@ -19,10 +20,11 @@ def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     large classes, far later in training (mIoU also weighs classes equally)."""
     probs = logits.softmax(1)
     onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum((0, 2, 3))
-    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    present = onehot.sum((0, 2, 3)) > 0
-    dice = (2 * inter + 1.0) / (total + 1.0)
+    # Sums over the global batch: under torchrun, every worker's samples (``distributed.total``).
+    inter = total((probs * onehot).sum((0, 2, 3)))
+    union = total(probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)))
+    present = total(onehot.sum((0, 2, 3))) > 0
+    dice = (2 * inter + 1.0) / (union + 1.0)
     return 1 - dice[present].mean()
 
 
