@@ -232,7 +232,8 @@ def cmd_invert(args) -> int:
                            settings={"generator": str(args.generator), "encoder": args.encoder},
                            sheet_rows=args.sheet_rows, steps=args.steps, lr=args.lr,
                            lambda_perceptual=args.lambda_perceptual, lambda_mse=args.lambda_mse,
-                           lambda_reg=args.lambda_reg, batch=args.batch)
+                           lambda_reg=args.lambda_reg, batch=args.batch,
+                           memory_gb=args.memory_gb)
     out = Path(args.out)
     print(f"wrote {out} ({len(report['images'])} latents), {out.with_suffix('.json')}, {out.with_suffix('.png')} "
           "(real | encoder | refined)")
@@ -591,7 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-perceptual", type=NONNEGATIVE, default=10.0)
     p.add_argument("--lambda-mse", type=NONNEGATIVE, default=1.0)
     p.add_argument("--lambda-reg", type=NONNEGATIVE, default=1.0, help="weight of ||w - w_encoder||^2")
-    p.add_argument("--batch", type=POSITIVE_INT, default=16, help="images optimized together")
+    p.add_argument("--batch", type=POSITIVE_INT, default=None,
+                   help="images optimized together (default: the most that fit --memory-gb)")
+    p.add_argument("--memory-gb", type=_number(float, 0, low_open=True), default=None,
+                   help="peak memory to plan the batch for (default: a third of this machine's memory, at most "
+                   "half of what is free; on CUDA 80%% of the free device memory)")
     p.add_argument("--sheet-rows", type=POSITIVE_INT, default=16, help="images shown in the reconstruction sheet")
     perceptual_args(p)
     p.set_defaults(func=cmd_invert, writes="out")

@@ -122,6 +122,43 @@ def reduced_precision_pays(device) -> bool:
     return getattr(device, "type", device) == "cuda" or bf16_speedup() >= REDUCED_PRECISION_MARGIN
 
 
+def memory_gib() -> tuple[float, float]:
+    """(total, available) memory of this machine in GiB (Linux /proc/meminfo; elsewhere (0, 0): unknown)."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) / 2**20
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return info.get("MemTotal", 0.0), info.get("MemAvailable", 0.0)
+
+
+def resident_gib() -> float:
+    """This process's resident memory now, in GiB (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def default_memory_budget_gib(device) -> float:
+    """The peak memory a stage plans for when the user states none: on CUDA 80% of the device's free memory; on a
+    CPU a third of the machine's memory and at most half of what is available now (8 GiB on a 24 GiB machine)."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free / 2**30
+    total, available = memory_gib()
+    return min(total / 3, available / 2) if total else 8.0
+
+
 def resolve_device(name):
     """A torch.device from a device option: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
 

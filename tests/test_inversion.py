@@ -76,6 +76,30 @@ def test_no_graph_outlives_its_step(tiny_generator, tiny_discriminator, monkeypa
     assert len(seen) == 8 and seen == [0] * 8, seen  # two batches of 3 steps and a final scoring pass
 
 
+def test_the_batch_follows_the_memory_budget(tiny_generator, tiny_discriminator, monkeypatch):
+    """Without --batch, inversion optimizes as many images together as fit the stated peak memory: the budget over
+    what the process holds, divided by what one image's step needs (autograd's saved tensors, counted)."""
+    import handsoff.runtime
+    from handsoff.inversion.optimize import STEP_MEMORY_FACTOR, batch_for_memory, saved_bytes_per_image
+
+    perceptual = DiscriminatorFeatureDistance(tiny_discriminator)
+    per_image = saved_bytes_per_image(tiny_generator, perceptual) * STEP_MEMORY_FACTOR / 2**30
+    # Saved activations of the 64-px generator and discriminator: the feature maps, several per layer.
+    feature_bytes = sum(c * r * r for c, r in zip(tiny_generator.synthesis.feature_channels,
+                                                  tiny_generator.synthesis.feature_resolutions)) * 4
+    assert 2 * feature_bytes < per_image * 2**30 < 100 * feature_bytes
+    held = 1.5  # what the process holds already (fixed here: the real value moves by a few MB between calls)
+    monkeypatch.setattr(handsoff.runtime, "resident_gib", lambda: held)
+    assert batch_for_memory(tiny_generator, perceptual, 100, held + 7.5 * per_image) == 7
+    assert batch_for_memory(tiny_generator, perceptual, 5, held + 7.5 * per_image) == 5  # never more than the images
+    assert batch_for_memory(tiny_generator, perceptual, 100, 0.001) == 1                 # always at least one
+    _, images = _targets(tiny_generator, 3)
+    start = tiny_generator.w_avg[None, None].expand(3, tiny_generator.n_latent, -1).clone()
+    out = refine_latents(tiny_generator, images, start, perceptual, steps=1, memory_gb=held + 2.5 * per_image,
+                         progress=False)
+    assert out["batch"] == 2
+
+
 def test_learning_rate_schedule():
     assert learning_rate(0, 100, 0.1) == 0
     assert learning_rate(50, 100, 0.1) == pytest.approx(0.1)

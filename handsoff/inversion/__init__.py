@@ -21,7 +21,7 @@ from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save
 from handsoff.generator.trunk import Trunk
 from handsoff.inversion.encoder import ReStyleEncoder, encode, load_encoder, save_encoder, train_encoder
-from handsoff.inversion.optimize import reconstruction_losses, refine_latents
+from handsoff.inversion.optimize import batch_for_memory, reconstruction_losses, refine_latents
 from handsoff.inversion.perceptual import LPIPS, DiscriminatorFeatureDistance, build_perceptual
 
 __all__ = ["LPIPS", "DiscriminatorFeatureDistance", "ReStyleEncoder", "build_perceptual", "encode",
@@ -50,17 +50,22 @@ def _figures(G: Trunk, ws: torch.Tensor, images: torch.Tensor, perceptual,
 
 def invert_images(G: Trunk, images: torch.Tensor, perceptual, encoder: ReStyleEncoder | None = None, *,
                   steps: int = 500, lr: float = 0.1, lambda_perceptual: float = 10.0, lambda_mse: float = 1.0,
-                  lambda_reg: float = 1.0, batch: int = 16, progress: bool = True) -> dict:
+                  lambda_reg: float = 1.0, batch: int | None = None, memory_gb: float | None = None,
+                  progress: bool = True) -> dict:
     """Invert images (N, 3, R, R) in [-1, 1].
+
+    ``batch``: images optimized together; None chooses the largest that fits ``memory_gb`` of peak memory (default:
+    a third of this machine's memory, at most half of what is free; on CUDA 80% of the free device memory).
 
     Returns a dict: ws (N, n_latent, w_dim) refined latents; stages {"average", "encoder", "refined"} each
     with per-image mse / psnr / perceptual tensors (N,) and reconstructions (N, 3, R, R); steps == 0 skips
-    refinement (refined = encoder).
+    refinement (refined = encoder); batch, the batch used.
     """
     device = G.w_avg.device
+    batch = batch or batch_for_memory(G, perceptual, len(images), memory_gb)
     w_avg = G.w_avg[None, None].expand(len(images), G.n_latent, -1).cpu()
     stages = {}
-    stages["average"], recon_avg = _figures(G, w_avg, images, perceptual)
+    stages["average"], recon_avg = _figures(G, w_avg, images, perceptual, batch)
     stages["average"]["reconstructions"] = recon_avg
     if encoder is not None:
         with torch.no_grad():
@@ -68,7 +73,7 @@ def invert_images(G: Trunk, images: torch.Tensor, perceptual, encoder: ReStyleEn
                                 for i in range(0, len(images), batch)])
     else:
         ws_enc = w_avg.clone()
-    stages["encoder"], recon_enc = _figures(G, ws_enc, images, perceptual)
+    stages["encoder"], recon_enc = _figures(G, ws_enc, images, perceptual, batch)
     stages["encoder"]["reconstructions"] = recon_enc
     if steps > 0:
         refined = refine_latents(G, images, ws_enc, perceptual, steps=steps, lr=lr,
@@ -77,9 +82,9 @@ def invert_images(G: Trunk, images: torch.Tensor, perceptual, encoder: ReStyleEn
         ws = refined["ws"]
     else:
         ws = ws_enc
-    stages["refined"], recon_ref = _figures(G, ws, images, perceptual)
+    stages["refined"], recon_ref = _figures(G, ws, images, perceptual, batch)
     stages["refined"]["reconstructions"] = recon_ref
-    return {"ws": ws, "ws_encoder": ws_enc, "stages": stages}
+    return {"ws": ws, "ws_encoder": ws_enc, "stages": stages, "batch": batch}
 
 
 def save_latents(path: str | os.PathLike, names: list[str], ws: torch.Tensor, metadata: dict) -> Path:
@@ -162,7 +167,7 @@ def invert_folder(G: Trunk, images_dir: str | os.PathLike, out: str | os.PathLik
     result = invert_images(G, images, perceptual, encoder, progress=progress, **options)
     stages = result["stages"]
     settings = {**(settings or {}), "images": str(images_dir),
-                "perceptual": getattr(perceptual, "name", "none"), **options,
+                "perceptual": getattr(perceptual, "name", "none"), **options, "batch": result["batch"],
                 "seconds_per_image": (time.perf_counter() - t0) / len(images)}
     out = save_latents(out, folder.names, result["ws"], settings)
     per_image = {name: {stage: {k: float(stages[stage][k][i]) for k in ("mse", "psnr", "perceptual")}

@@ -47,7 +47,8 @@ class InversionSettings(Section):
     lambda_perceptual: float = Field(10.0, ge=0)
     lambda_mse: float = Field(1.0, ge=0)
     lambda_reg: float = Field(1.0, ge=0)
-    batch: int = Field(16, ge=1)
+    batch: int | None = Field(None, ge=1)  # None: the largest that fits memory_gb
+    memory_gb: float | None = Field(None, gt=0)  # None: a third of the machine's memory, at most half the free
 
 
 class LabelGeneratorSettings(Section):

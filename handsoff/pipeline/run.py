@@ -162,7 +162,8 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         invert_folder(G, config.labeled, latents, perceptual, encoder, progress=progress,
                       settings={"generator": config.generator, "encoder": str(inv.encoder) if inv.encoder else None},
                       steps=inv.steps, lr=inv.lr, lambda_perceptual=inv.lambda_perceptual, lambda_mse=inv.lambda_mse,
-                      lambda_reg=inv.lambda_reg, batch=inv.batch)
+                      lambda_reg=inv.lambda_reg, batch=inv.batch,
+                      memory_gb=inv.memory_gb)
 
     stage("inversion", latents.with_suffix(".png").exists(), invert)  # the sheet is written last
 
