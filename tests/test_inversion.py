@@ -197,10 +197,6 @@ def test_invert_bad_inputs_are_clear_errors(tmp_path, tiny_generator, tiny_discr
             "--device", "cpu"]
     folder = tmp_path / "imgs"
     folder.mkdir()
-    Image.new("RGB", (48, 32)).save(folder / "wide.png")
-    assert main([*args, "--images", str(folder)]) == 1
-    assert "wide.png: image is 48x32, expected 64x64 or any square size (crop it" in capsys.readouterr().err
-    (folder / "wide.png").unlink()
     Image.new("F", (64, 64)).save(folder / "float.tiff")  # grey converts exactly (one reader for all stages)
     assert main([*args, "--images", str(folder)]) == 1
     assert "float.tiff: image mode F" in capsys.readouterr().err

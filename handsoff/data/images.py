@@ -16,9 +16,10 @@ class ImageFolder:
     """The images of a folder (its ``images/`` subfolder if it is a handsoff labeled dataset), read lazily.
 
     Every image must be readable as 8-bit RGB (``layout.to_rgb8``: grey, palette and 16-bit images convert
-    exactly) and ``resolution`` x ``resolution``, or, with ``resize``, square of any size (then resized with a
-    Lanczos filter, antialiased when shrinking: labeled images for inversion, whose masks stay at the label
-    resolution); anything else is an error naming the file. ``batch(indices)`` returns (B, 3, R, R) float32 in
+    exactly) and ``resolution`` x ``resolution``, or, with ``resize``, of any size (then resized to the square
+    with a Lanczos filter, antialiased when shrinking; a non-square image is stretched, as its labels are when the
+    label generator is fitted: labeled images for inversion, whose labels stay at the label resolution); anything
+    else is an error naming the file. ``batch(indices)`` returns (B, 3, R, R) float32 in
     [-1, 1]; ``names`` are the file stems (relative paths without suffix for images in subfolders).
     """
 
@@ -43,14 +44,13 @@ class ImageFolder:
         h, w = array.shape[:2]
         if (h, w) == (self.resolution, self.resolution):
             return array
-        if self.resize and h == w:
+        if self.resize:
             from PIL import Image
 
             size = (self.resolution, self.resolution)
             return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.LANCZOS))
-        raise DatasetError(f"{path}: image is {w}x{h}, expected {self.resolution}x{self.resolution}"
-                           + (" or any square size (crop it to a square first)" if self.resize else
-                              " (the generator's resolution; resize the data first)"))
+        raise DatasetError(f"{path}: image is {w}x{h}, expected {self.resolution}x{self.resolution} (the "
+                           "generator's resolution; resize the data first)")
 
     def batch(self, indices) -> torch.Tensor:
         arrays = np.stack([self.read(int(i)) for i in indices])

@@ -165,6 +165,20 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     return summary
 
 
+def square_sample(sample: dict, size: int, tasks: list) -> dict:
+    """A labeled sample of any shape at the label size: image (size, size, 3) (Lanczos) and each task's label
+    resized by the task (nearest neighbour for masks and depth, keypoints scaled), as the image is when inverted."""
+    image = sample["image"]
+    if image.shape[:2] == (size, size):
+        return sample
+    from PIL import Image
+
+    out = {**sample, "image": np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))}
+    for task in tasks:
+        out[task.sample_key] = task.resize_label(sample[task.sample_key], image.shape[:2], size)
+    return out
+
+
 def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: str | Path, *, tasks: list[str],
                     label_size: int | None = None, members: int = 10, hidden: int = 256, hidden2: int = 32,
                     keypoint_sigma: float = KEYPOINT_SIGMA, seed: int = 0, generator_ref: str | None = None,
@@ -196,11 +210,12 @@ def fit_from_folder(G: Trunk, latents: str | Path, labels: str | Path, out_dir: 
         raise DatasetError(f"{labels}: no labeled image for latents {', '.join(missing[:5])}"
                            f"{' ...' if len(missing) > 5 else ''} (latent keys must be the image names)")
     samples = [folder.load(n) for n in names]
-    size = label_size or (samples[0]["mask"].shape[0] if "mask" in samples[0] else samples[0]["image"].shape[0])
+    size = label_size or max(samples[0]["image"].shape[:2])  # the labels' own resolution (longer side)
     try:
         task_objects = tasks_from_card(tasks, folder.card, keypoint_sigma=keypoint_sigma)
     except ValueError as e:
         raise DatasetError(f"{labels}: {e}") from None
+    samples = [square_sample(s, size, task_objects) for s in samples]
     torch.manual_seed(seed)
     model = LabelGenerator(G, task_objects, size, members=members, hidden=hidden, hidden2=hidden2,
                            generator_ref=generator_ref).to(device)

@@ -13,6 +13,8 @@ Label generator (each task owns ``out_channels`` of the ensemble's output; M mem
     calibrate(model, ws, prepared)        settings fitted on the trained model's predictions (keypoint
                                           visibility); returns a summary entry or None
     label(decoded) -> np.ndarray          the decoded label as the dataset layout stores it in a sample
+    resize_label(value, shape, size)      a sample's label of an (H, W) image at size x size (labeled images of
+                                          any shape are fitted at the square label size)
     card_fields() -> dict                 what the card of a dataset of its labels declares (DatasetCard fields)
 Downstream network (a head with ``out_channels`` channels at the input resolution):
     downstream_loss(output (B, C, H, W), batch) -> scalar
@@ -38,6 +40,14 @@ def top_fraction_mean(values: torch.Tensor, fraction: float = TOP_FRACTION) -> f
     flat = values.reshape(-1)
     k = max(1, int(math.ceil(fraction * flat.numel())))
     return float(flat.topk(k).values.mean())
+
+
+def nearest_resize(array: np.ndarray, size: int) -> np.ndarray:
+    """array (H, W) at size x size by nearest neighbour at pixel centres (ids and measured values stay as they are)."""
+    h, w = array.shape[:2]
+    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return array[rows[:, None], cols[None, :]]
 
 
 def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
@@ -69,6 +79,7 @@ class Task(Protocol):
     def decode(self, outputs: torch.Tensor) -> dict: ...
     def calibrate(self, model, ws: torch.Tensor, prepared: list[torch.Tensor]) -> dict | None: ...
     def label(self, decoded: dict) -> np.ndarray: ...
+    def resize_label(self, value: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray: ...
     def card_fields(self) -> dict: ...
     def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor: ...
     def metric_update(self, state, output: torch.Tensor, batch: dict): ...
@@ -89,6 +100,10 @@ class TaskBase:
 
     def targets(self, prepared: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
         return prepared[indices]
+
+    def resize_label(self, value: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+        """Per-pixel labels (masks, depth): nearest neighbour, so no invented classes or depths at borders."""
+        return value if value.shape[:2] == (size, size) else nearest_resize(value, size)
 
     @property
     def label_names(self) -> list[str] | None:

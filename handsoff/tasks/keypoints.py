@@ -100,6 +100,14 @@ class Keypoints(TaskBase):
         scale = size / sample["image"].shape[0]
         return torch.cat([kp[:, :2] * scale, kp[:, 2:]], 1)   # in label pixels
 
+    def resize_label(self, value: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+        """Keypoints (K, 3) of an (H, W) image in the pixels of its size x size version (visibility kept)."""
+        h, w = shape
+        out = np.asarray(value, np.float32).copy()
+        out[:, 0] *= size / w
+        out[:, 1] *= size / h
+        return out
+
     def heatmap_at(self, keypoints: torch.Tensor, indices: torch.Tensor, size: int) -> torch.Tensor:
         """Target heat (P, K) at flat label-pixel indices for keypoints (K, 3) in label pixels (centres at +0.5)."""
         y = (indices // size).float()[:, None] + 0.5
