@@ -46,8 +46,8 @@ def saved_bytes_per_image(G: Trunk, perceptual: nn.Module | None) -> int:
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        storage = t.untyped_storage()  # views share one; meta tensors (planning without memory) have no address
+        storages[storage.data_ptr() or storage._cdata] = storage.nbytes()
         return t
 
     device = G.w_avg.device
