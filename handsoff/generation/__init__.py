@@ -23,6 +23,7 @@ that do not. Candidates are generated in rounds until both quotas are full; the 
 """
 
 from handsoff.data.webdataset import read_webdataset, write_webdataset
-from handsoff.generation.run import GenerationConfig, generate_dataset, label_generator_source
+from handsoff.generation.run import GenerationConfig, dataset_complete, generate_dataset, label_generator_source
 
-__all__ = ["GenerationConfig", "generate_dataset", "label_generator_source", "read_webdataset", "write_webdataset"]
+__all__ = ["GenerationConfig", "dataset_complete", "generate_dataset", "label_generator_source", "read_webdataset",
+           "write_webdataset"]

@@ -175,6 +175,11 @@ def check_config(config: GenerationConfig, task_names: list[str], classes: list[
                              f"({', '.join(classes) or 'no segmentation task'})")
 
 
+def dataset_complete(out: str | os.PathLike) -> bool:
+    """Whether ``generate_dataset`` finished ``out`` (dataset.json is written last)."""
+    return (Path(out) / "dataset.json").is_file()
+
+
 def segmentation_task(model) -> Segmentation | None:
     """The label generator's segmentation task: class quotas and class statistics are about its classes."""
     return next((t for t in model.tasks if isinstance(t, Segmentation)), None)

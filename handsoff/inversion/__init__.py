@@ -25,8 +25,8 @@ from handsoff.inversion.optimize import batch_for_memory, reconstruction_losses,
 from handsoff.inversion.perceptual import LPIPS, DiscriminatorFeatureDistance, build_perceptual
 
 __all__ = ["LPIPS", "DiscriminatorFeatureDistance", "ReStyleEncoder", "build_perceptual", "encode",
-           "invert_folder", "invert_images", "load_encoder", "load_latents", "psnr", "refine_latents", "save_encoder",
-           "save_latents", "train_encoder"]
+           "inversion_complete", "invert_folder", "invert_images", "load_encoder", "load_latents", "psnr",
+           "refine_latents", "save_encoder", "save_latents", "train_encoder"]
 
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,11 @@ def check_latents_path(out: str | os.PathLike) -> Path:
             raise OutputError(f"--out {out}: {strays[0]} exists and was not written by handsoff; choose another "
                               "name")
     return out
+
+
+def inversion_complete(out: str | os.PathLike) -> bool:
+    """Whether ``invert_folder`` finished writing ``out`` (its .png sheet is written last)."""
+    return Path(out).with_suffix(".png").is_file()
 
 
 def invert_folder(G: Trunk, images_dir: str | os.PathLike, out: str | os.PathLike, perceptual, encoder=None, *,

@@ -5,8 +5,9 @@ labeled images (``train``). What each task predicts and how is in ``handsoff.tas
 """
 
 from handsoff.label_generator.model import LabelGenerator, MLPEnsemble, load_label_generator, save_label_generator
-from handsoff.label_generator.train import fit_from_folder, fit_label_generator
+from handsoff.label_generator.train import fit_from_folder, fit_label_generator, label_generator_complete
 from handsoff.tasks import Depth, Keypoints, Segmentation, parse_task_names
 
 __all__ = ["Depth", "Keypoints", "LabelGenerator", "MLPEnsemble", "Segmentation", "fit_from_folder",
-           "fit_label_generator", "load_label_generator", "parse_task_names", "save_label_generator"]
+           "fit_label_generator", "label_generator_complete", "load_label_generator", "parse_task_names",
+           "save_label_generator"]

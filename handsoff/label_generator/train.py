@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,11 @@ def fit_label_generator(model: LabelGenerator, ws: torch.Tensor, samples: list[d
     for task in model.tasks:
         summary.update(task.calibrate(model, ws, [t[task.name] for t in data.targets]) or {})
     return summary
+
+
+def label_generator_complete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``fit_from_folder`` finished ``out_dir`` (its preview.png is written after the model)."""
+    return (Path(out_dir) / "preview.png").is_file()
 
 
 def square_sample(sample: dict, size: int, tasks: list) -> dict:

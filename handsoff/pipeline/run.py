@@ -110,9 +110,9 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=print) ->
 def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bool, log) -> dict:
     from handsoff.downstream import evaluate_run, train_downstream
     from handsoff.downstream.train import has_model
-    from handsoff.generation import GenerationConfig, generate_dataset, label_generator_source
-    from handsoff.inversion import build_perceptual, invert_folder, load_encoder
-    from handsoff.label_generator import fit_from_folder, load_label_generator
+    from handsoff.generation import GenerationConfig, dataset_complete, generate_dataset, label_generator_source
+    from handsoff.inversion import build_perceptual, inversion_complete, invert_folder, load_encoder
+    from handsoff.label_generator import fit_from_folder, label_generator_complete, load_label_generator
 
     out = Path(config.out)
     saved = out / "config.json"
@@ -165,7 +165,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                       lambda_reg=inv.lambda_reg, batch=inv.batch,
                       memory_gb=inv.memory_gb)
 
-    stage("inversion", latents.with_suffix(".png").exists(), invert)  # the sheet is written last
+    stage("inversion", inversion_complete(latents), invert)
 
     lg_dir = out / "label_generator"
     lg = config.label_generator
@@ -178,7 +178,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                         max_steps=lg.max_steps, min_steps=lg.min_steps, patience=lg.patience,
                         images_per_step=lg.images_per_step, pixels_per_image=lg.pixels, lr=lg.lr)
 
-    stage("label generator", (lg_dir / "preview.png").exists(), fit)  # written after the model
+    stage("label generator", label_generator_complete(lg_dir), fit)
 
     dataset = out / "dataset"
     gen = config.generation
@@ -192,7 +192,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                                                           min_class_fraction=gen.min_class_fraction),
                          progress=progress, source=label_generator_source(lg_dir))
 
-    stage("generation", (dataset / "dataset.json").exists(), generate)
+    stage("generation", dataset_complete(dataset), generate)
 
     ds = config.downstream
     val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
