@@ -36,8 +36,9 @@ def reconstruction_losses(G: Trunk, ws: torch.Tensor, targets: torch.Tensor, per
 
 
 # Peak memory of an optimization step per image, over what autograd saves for its backward pass (measured at
-# 256 px with StyleGAN2 config-f and the discriminator-feature distance: 0.95 GiB saved, about 1.2 GiB used).
-STEP_MEMORY_FACTOR = 1.25
+# 256 px with StyleGAN2 config-f and the discriminator-feature distance, 0.95 GiB saved per image: 1.2 to 1.45 GiB
+# of resident memory per image at batch 4 and 5, the backward pass's temporaries and the allocator's slack).
+STEP_MEMORY_FACTOR = 1.5
 
 
 def saved_bytes_per_image(G: Trunk, perceptual: nn.Module | None) -> int:
