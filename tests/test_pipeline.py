@@ -146,18 +146,12 @@ def test_missing_labels_for_a_task_fail_before_any_work(domain, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_benchmark_aggregates_over_seeds(domain, tmp_path, monkeypatch):
-    import handsoff.pipeline.benchmark as bench
-
+def test_benchmark_aggregates_over_seeds(domain, tmp_path):
     _, paths = domain
-    monkeypatch.setattr(bench, "HEADS_GENERATOR", paths["generator"])
-    monkeypatch.setattr(bench, "render_split", lambda out, split, n, start=0, size=64, progress=True:
-                        bench.heads.write_heads_dataset(out, n, seed=bench.heads.SPLIT_SEEDS[split], size=SIZE,
-                                                        start=start, progress=False)
-                        if not (out / "dataset.json").exists() else out)
     stages = {**TINY_STAGES, "downstream": {**TINY_STAGES["downstream"], "epochs": 1}}
     results = run_benchmark(tmp_path / "b", labeled=[2, 3], seeds=2, validation=3, test=3, oracle=4, generated=4,
-                            settings=stages, progress=False, log=lambda *_: None)
+                            settings=stages, generator=paths["generator"], size=SIZE, progress=False,
+                            log=lambda *_: None)
     assert list(results["methods"]) == ["transfer-2", "transfer-3", "handsoff-2", "handsoff-3", "oracle"]
     cell = json.loads((tmp_path / "b/seed1/labeled-3/results.json").read_text())["methods"]["handsoff"]
     agg = results["methods"]["handsoff-3"]["miou"]

@@ -55,10 +55,10 @@ def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, 
 
 
 def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: int, curve: list[int],
-                 settings: dict, device: str = "auto") -> PipelineConfig:
+                 settings: dict, device: str = "auto", generator: str = HEADS_GENERATOR) -> PipelineConfig:
     """The pipeline config of one benchmark cell; ``settings`` holds per-stage overrides."""
     return PipelineConfig.model_validate({
-        "out": out, "generator": HEADS_GENERATOR, "tasks": TASKS, "seed": seed, "device": device, "transfer": True,
+        "out": out, "generator": generator, "tasks": TASKS, "seed": seed, "device": device, "transfer": True,
         "curve": curve,
         **data, "generation": {"n": generated, **settings.get("generation", {})},
         **{k: settings[k] for k in ("inversion", "label_generator", "downstream") if k in settings}})
@@ -96,25 +96,26 @@ def _aggregate(values: list[float]) -> dict:
 
 def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation: int = DEMO["validation"],
                   test: int = DEMO["test"], oracle: int = BENCHMARK_ORACLE, generated: int = DEMO["generated"],
-                  settings: dict | None = None, device: str = "auto", progress: bool = True, log=print) -> dict:
-    """Every (seed, labeled size) cell, then mean and std over seeds per method; writes results.json, table.txt."""
+                  settings: dict | None = None, device: str = "auto", generator: str = HEADS_GENERATOR,
+                  size: int = 64, progress: bool = True, log=print) -> dict:
+    """Every (seed, labeled size) cell, then mean and std over seeds per method; writes results.json, table.txt.
+    ``generator`` and ``size`` (of the rendered heads) default to the shipped heads generator's."""
     out = Path(out).resolve()
     settings = settings or {}
     data = out / "data"
-    fixed = {"validation": render_split(data / "validation", "validation", validation, progress=progress),
-             "test": render_split(data / "test", "test", test, progress=progress),
-             "oracle": render_split(data / "oracle", "oracle", oracle, progress=progress)}
+    fixed = {split: render_split(data / split, split, n, size=size, progress=progress)
+             for split, n in (("validation", validation), ("test", test), ("oracle", oracle))}
     largest = max(labeled)
     per_cell: dict[str, list[dict]] = {}
     for seed in range(seeds):
         for i, n in enumerate(sorted(labeled)):
             log(f"=== seed {seed}, {n} labeled images ===")
             labeled_dir = render_split(data / f"labeled-seed{seed}-{n}", "labeled", n, start=seed * largest,
-                                       progress=progress)
+                                       size=size, progress=progress)
             cell = {"labeled": labeled_dir, "validation": fixed["validation"], "test": fixed["test"],
                     "oracle": fixed["oracle"] if i == 0 else None}
             results = run_pipeline(heads_config(out / f"seed{seed}" / f"labeled-{n}", cell, seed, generated, [],
-                                                settings, device), progress=progress, log=log)
+                                                settings, device, generator), progress=progress, log=log)
             for method, metrics in results["methods"].items():
                 name = method if method == "oracle" else f"{method}-{n}"
                 per_cell.setdefault(name, []).append(metrics)
