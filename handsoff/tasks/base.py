@@ -17,7 +17,9 @@ Label generator (each task owns ``out_channels`` of the ensemble's output; M mem
                                           any shape are fitted at the square label size)
     card_fields() -> dict                 what the card of a dataset of its labels declares (DatasetCard fields)
 Downstream network (a head with ``out_channels`` channels at the input resolution):
-    downstream_loss(output (B, C, H, W), batch) -> scalar
+    downstream_loss(output (B, C, H, W), batch) -> scalar; a term that is not a mean of per-sample terms (Dice,
+                                          a mean over valid pixels) sums its parts with ``distributed.total``,
+                                          so that data-parallel workers compute what one worker does
     metric_update(state, output, batch) -> state;  metric_result(state, image_size) -> dict of metrics
 Data: ``sample_key`` (the label's key in a sample dict: "mask", "keypoints", "depth"), ``card_field`` (the dataset
 card attribute that declares it), ``from_card(card, **settings)``, and ``label_names`` / ``names_in(card)`` (class or
