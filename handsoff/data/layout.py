@@ -127,14 +127,22 @@ def write_keypoints_json(path: Path, card: DatasetCard, images: list[dict], anno
                                              "skeleton": [[index[a], index[b]] for a, b in card.skeleton]}]})
 
 
+def _mask_path(root: Path, name: str) -> Path:
+    return root / "masks" / f"{name}.png"
+
+
+def _depth_path(root: Path, card: DatasetCard, name: str) -> Path:
+    return root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}"
+
+
 def sample_files(root: Path, card: DatasetCard, name: str) -> list[Path]:
     """The per-sample files of sample ``name`` in the layout: image, and mask and depth where the card has them
     (keypoints live in the dataset-wide keypoints.json)."""
     files = [root / "images" / f"{name}.png"]
     if card.classes is not None:
-        files.append(root / "masks" / f"{name}.png")
+        files.append(_mask_path(root, name))
     if card.depth_format is not None:
-        files.append(root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}")
+        files.append(_depth_path(root, card, name))
     return files
 
 
@@ -144,14 +152,14 @@ def write_sample_files(root: Path, card: DatasetCard, name: str, image: np.ndarr
     card's formats (depth as .npy float32, or 16-bit PNG of depth * depth_scale)."""
     atomic_save(root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
     if mask is not None:
-        atomic_save(root / "masks" / f"{name}.png",
+        atomic_save(_mask_path(root, name),
                     lambda p: Image.fromarray(np.asarray(mask).astype(np.uint8)).save(p, format="PNG"))
     if depth is not None:
         if card.depth_format == "png16":
             value = np.clip(np.round(depth * card.depth_scale), 0, 65535).astype(np.uint16)
-            atomic_save(root / "depth" / f"{name}.png", lambda p: Image.fromarray(value).save(p, "PNG"))
+            atomic_save(_depth_path(root, card, name), lambda p: Image.fromarray(value).save(p, "PNG"))
         else:
-            atomic_save(root / "depth" / f"{name}.npy", lambda p: np.save(p, np.asarray(depth, np.float32)))
+            atomic_save(_depth_path(root, card, name), lambda p: np.save(p, np.asarray(depth, np.float32)))
 
 
 class DatasetWriter:
@@ -256,7 +264,7 @@ def read_sample_labels(root: Path, card: DatasetCard, name: str, shape: tuple[in
     h, w = shape
     sample = {}
     if card.classes is not None:
-        path = root / "masks" / f"{name}.png"
+        path = _mask_path(root, name)
         if not path.is_file():
             raise DatasetError(f"{path}: mask missing for image {image_name}")
         mask = read_label_png(path, "mask")
@@ -270,7 +278,7 @@ def read_sample_labels(root: Path, card: DatasetCard, name: str, shape: tuple[in
             raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(card.classes)} classes)")
         sample["mask"] = mask.astype(np.int64)
     if card.depth_format is not None:
-        path = root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}"
+        path = _depth_path(root, card, name)
         if not path.is_file():
             raise DatasetError(f"{path}: depth missing for image {image_name}")
         if card.depth_format == "npy":

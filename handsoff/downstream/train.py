@@ -116,8 +116,8 @@ def evaluate_model(model: DenseModel, dataset, tasks: list[Task], batch_size: in
             states[t.name] = t.metric_update(states[t.name], out[t.name].float().cpu(), batch)
     result = {}
     for t in tasks:
-        if states[t.name] is not None:
-            result.update(t.metric_result(states[t.name], dataset[0]["image"].shape[-1]))
+        if states[t.name] is not None:  # image size from the last batch (every image of a dataset shares it)
+            result.update(t.metric_result(states[t.name], batch["image"].shape[-1]))
     return result
 
 

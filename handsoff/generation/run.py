@@ -294,15 +294,16 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
             row["filter_score"] = score_of[e["index"]]
         manifest.append(row)
 
+    files = file_card(model)  # which per-sample files there are
     for e in entries:
         if e["index"] in dropped and config.keep_filtered:
-            for f in sample_files(out, file_card(model), e["name"]):
+            for f in sample_files(out, files, e["name"]):
                 if f.exists():
                     dest = out / "filtered" / f.parent.name / f.name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(f, dest)
         elif e["index"] not in chosen_set or e["index"] in dropped:
-            for f in sample_files(out, file_card(model), e["name"]):
+            for f in sample_files(out, files, e["name"]):
                 f.unlink(missing_ok=True)
 
     kept = [e for e in selected if e["index"] not in dropped]

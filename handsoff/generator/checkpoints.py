@@ -560,10 +560,11 @@ def _read_nvidia(path: Path):
     if kwargs.get("c_dim", 0):
         raise CheckpointError(f"{path}: conditional generators (c_dim={kwargs['c_dim']}) are not supported")
     # The pickled class name is the bare "Generator" for both; StyleGAN3 is told apart by its Fourier input.
-    if "synthesis.input.freqs" in flatten_persistent(net):
-        g_state, g_hints = flatten_persistent(net), _stylegan3_config(kwargs, path)
+    g_state = flatten_persistent(net)
+    if "synthesis.input.freqs" in g_state:
+        g_hints = _stylegan3_config(kwargs, path)
     else:
-        g_state, g_hints = _stylegan2_generator(net, kwargs, path)
+        g_state, g_hints = _stylegan2_generator(g_state, kwargs, path)
     d_state, d_hints = _nvidia_discriminator(data.get("D"), path)
     return g_state, g_hints, d_state, d_hints
 
@@ -596,12 +597,12 @@ def _stylegan3_config(kwargs: dict, path: Path) -> dict:
     return config
 
 
-def _stylegan2_generator(net: PersistentObject, kwargs: dict, path: Path) -> tuple[dict, dict]:
+def _stylegan2_generator(state: dict, kwargs: dict, path: Path) -> tuple[dict, dict]:
     synthesis_kwargs = dict(kwargs.get("synthesis_kwargs") or {})
     if synthesis_kwargs.get("architecture", "skip") != "skip":
         raise CheckpointError(f"{path}: generator architecture {synthesis_kwargs['architecture']!r} is not "
                               "supported (only 'skip', the StyleGAN2 default)")
-    g_state = _check_and_drop_filters(flatten_persistent(net), path)
+    g_state = _check_and_drop_filters(state, path)
     g_hints = {k: synthesis_kwargs[k] for k in RUNTIME_KEYS if k in synthesis_kwargs}
     mapping_kwargs = dict(kwargs.get("mapping_kwargs") or {})
     if "lr_multiplier" in mapping_kwargs:

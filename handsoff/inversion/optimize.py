@@ -89,7 +89,7 @@ def refine_latents(G: Trunk, targets: torch.Tensor, ws_init: torch.Tensor, perce
     G = G.eval().requires_grad_(False)
     device = G.w_avg.device
     batch = batch or batch_for_memory(G, perceptual, len(targets), memory_gb)
-    out = {"ws": [], "loss": [], "mse": [], "perceptual": [], "batch": batch}
+    out = {"ws": [], "loss": [], "mse": [], "perceptual": []}
     with tqdm(total=len(targets) * steps, desc="refining latents", unit="img-step", disable=not progress) as bar:
         for first in range(0, len(targets), batch):
             x = targets[first:first + batch].to(device)
@@ -124,4 +124,4 @@ def refine_latents(G: Trunk, targets: torch.Tensor, ws_init: torch.Tensor, perce
             out["loss"].append(best_loss.detach().cpu())
             out["mse"].append(best_mse)
             out["perceptual"].append(best_perc)
-    return {k: v if k == "batch" else torch.cat(v) for k, v in out.items()}
+    return {**{k: torch.cat(v) for k, v in out.items()}, "batch": batch}
