@@ -6,9 +6,9 @@
 Each measurement runs in its own subprocess (so peak RSS is its own), with the tuned allocator:
 
 * predict: features (G synthesis) + a 10-member 256/32 ensemble at every label pixel, per image.
-  factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group at native resolution, upsampled
-  and summed in bands of label rows); "whole maps" = the same with one band (each group's upsampled map written
-  out whole, as before the banded version);
+  factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group at native resolution; per band
+  of label rows, one batched matrix product whose inner dimension holds the direct features, the lower groups'
+  results interpolated in height and their width-interpolation weights; see ``first_layer_bands``);
   materialized = every feature map resized to the label size and concatenated (C x L x L), then the ensemble
   on each pixel's hypercolumn (the official code's design), run only where it fits in memory.
 * train: peak RSS of ``fit_label_generator`` on 50 images (a few steps), next to the size of the materialized
@@ -68,8 +68,6 @@ def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
             t1 = time.perf_counter()
             if mode == "factorized":
                 out = model.dense_outputs(feats)
-            elif mode == "whole-map":  # factorized, but each group's upsampled map written out whole
-                out = model.dense_outputs(feats, band=label_size)
             else:
                 hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
                 rows = hyper.reshape(hyper.shape[0], -1).t()
@@ -157,7 +155,6 @@ def main() -> None:
     final = None
     for which, size in cases:
         fact = run("predict", which, size, mode="factorized", reps=args.reps)
-        whole = run("predict", which, size, mode="whole-map", reps=args.reps)
         macs = multiply_adds(which, size)
         channels = fact["channels"]
         mat_gb = channels * size**2 * 4 / 2**30
@@ -168,7 +165,7 @@ def main() -> None:
         print(f"\n{which}: {channels} feature channels, labels {size}x{size} "
               f"(one materialized hypercolumn: {mat_gb:.2f} GB)")
         print(f"{'per image':<14}{'features s':>12}{'ensemble s':>12}{'total s':>10}{'peak RSS GB':>13}")
-        for name, r in (("factorized", fact), ("  whole maps", whole), ("materialized", mat)):
+        for name, r in (("factorized", fact), ("materialized", mat)):
             if "error" in r:
                 print(f"{name:<14}  not run: {r['error']}")
             else:
@@ -176,8 +173,7 @@ def main() -> None:
                       f"{r['peak_rss_gb']:>13.2f}")
         speedup = mat["ensemble"] / fact["ensemble"] if "error" not in mat else float("nan")
         total_speedup = mat["total"] / fact["total"] if "error" not in mat else float("nan")
-        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x; "
-              f"banded vs whole maps: {whole['ensemble'] / fact['ensemble']:.2f}x")
+        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x")
         bound = macs["materialized"] / macs["factorized"]
         print(f"multiply-adds per image: factorized {macs['factorized'] / 1e9:.1f} G, materialized "
               f"{macs['materialized'] / 1e9:.1f} G -> arithmetic bound on the speedup {bound:.1f}x "

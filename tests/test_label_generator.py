@@ -47,9 +47,13 @@ def test_factorized_first_layer_equals_materialized_hypercolumns(request, trunk,
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5)
     # The first layer alone, in odd-sized bands, against the materialized one.
     e = model.ensemble
-    dense = first_layer_dense(feats, model.groups, e.weight1, e.bias1, label_size, band=7)   # (B, L, L, O)
-    torch.testing.assert_close(dense.reshape(-1, dense.shape[-1]), rows @ e.weight1.t() + e.bias1,
-                               rtol=1e-4, atol=1e-5)
+    # Blocks of label pixels per matrix product: uneven (the last one shorter), even, one per row.
+    for block in (5, 8, label_size):
+        dense = first_layer_dense(feats, model.groups, e.weight1, e.bias1, label_size, band=7, block=block)
+        torch.testing.assert_close(dense.reshape(-1, dense.shape[-1]), rows @ e.weight1.t() + e.bias1,
+                                   rtol=1e-4, atol=1e-5)
+    no_bias = first_layer_dense(feats, model.groups, e.weight1, None, label_size, band=label_size)
+    torch.testing.assert_close(no_bias.reshape(-1, dense.shape[-1]), rows @ e.weight1.t(), rtol=1e-4, atol=1e-5)
     # At sampled points: the inference order (W at native resolution where cheaper) and the training order
     # (features sampled first, so W gets gradients without scattering into W-wide maps) agree.
     points = torch.rand(2, 50, 2, generator=torch.Generator().manual_seed(3)) * 2 - 1

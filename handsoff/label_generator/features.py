@@ -26,6 +26,12 @@ import torch
 import torch.nn.functional as F
 
 
+# Label pixels per matrix product in ``first_layer_bands``: each lower-resolution group adds about
+# block * r / L + 2 source columns to the product's inner dimension (at 64 and L = 512: 77 in all for FFHQ's seven
+# lower groups, next to 192 direct feature channels; 32 was slower, 128 no faster, on a 2-core AVX2 EPYC).
+WIDTH_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class FeatureGroup:
     """Feature maps of one resolution: their indices in the feature list and their channel slice of W."""
@@ -107,7 +113,8 @@ def first_layer_at(features: list[torch.Tensor], groups: list[FeatureGroup], wei
 
 
 def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                      bias: torch.Tensor | None, size: int, band: int | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None, size: int, band: int | None = None,
+                      block: int = WIDTH_BLOCK) -> torch.Tensor:
     """The first layer at every pixel of a size x size label map, channels last: (B, size, size, O).
 
     Groups below the label resolution: W_g at native resolution, then bilinear upsampling of the O-wide result;
@@ -115,7 +122,8 @@ def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], 
     Equal to resizing everything and concatenating (``materialized_hypercolumns``), without doing so. Computed
     in bands of ``band`` rows (default: all at once) by ``first_layer_bands``.
     """
-    return torch.cat([h for _, h in first_layer_bands(features, groups, weight, bias, size, band or size)], 1)
+    bands = first_layer_bands(features, groups, weight, bias, size, band or size, block)
+    return torch.cat([h for _, h in bands], 1)
 
 
 def _source_rows(size: int, r: int, rows: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,39 +134,102 @@ def _source_rows(size: int, r: int, rows: range) -> tuple[torch.Tensor, torch.Te
     return i0, (i0 + 1).clamp(max=r - 1), (src - i0).float()
 
 
+def _interpolation_matrix(size: int, r: int) -> torch.Tensor:
+    """(size, r) matrix of the bilinear (align_corners=False) upsampling r -> size along one axis: row i holds the
+    two weights of output i, exactly as ``F.interpolate`` computes them."""
+    i0, i1, a = _source_rows(size, r, range(size))
+    matrix = torch.zeros(size, r)
+    matrix[torch.arange(size), i0] += 1 - a
+    matrix[torch.arange(size), i1] += a
+    return matrix
+
+
+def _support(matrix: torch.Tensor) -> tuple[int, int]:
+    """The range [c0, c1) of columns where rows of an interpolation matrix have nonzero weights."""
+    cols = matrix.nonzero()[:, 1]
+    return int(cols.min()), int(cols.max()) + 1
+
+
+def _height_step(h: torch.Tensor, matrix: torch.Tensor, rows: range, out: torch.Tensor) -> torch.Tensor:
+    """Label ``rows`` of native results h (B, r, r, O) interpolated in height into ``out`` (B, len(rows), r, O),
+    which may be a view with strided rows: one (rows, s) @ (s, r * O) product per image over the s source rows
+    the band reads."""
+    c0, c1 = _support(matrix[rows.start:rows.stop])
+    for i in range(h.shape[0]):
+        torch.mm(matrix[rows.start:rows.stop, c0:c1], h[i, c0:c1].reshape(c1 - c0, -1),
+                 out=out[i].view(len(rows), -1))
+    return out
+
+
+@torch.no_grad()
 def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
-                      bias: torch.Tensor | None, size: int, band: int):
+                      bias: torch.Tensor | None, size: int, band: int, block: int = WIDTH_BLOCK):
     """``first_layer_dense`` one band of ``band`` label rows at a time: yields (rows, (B, len(rows), size, O)).
 
-    Each group's O-wide result stays at native resolution; per band only its few source rows are interpolated
-    (height, then width) and summed, so the upsampled maps are never written out whole: the band's working set
-    stays in cache, where the whole-map version streams (groups x B x size^2 x O) values through memory.
+    Every ``block`` label pixels of a label row are one matrix product, (block, K) @ (K, O), whose K axis holds,
+    per pixel, [the features of the groups at (or resized down to) the label resolution | the width-interpolation
+    weights of each lower-resolution group, over the few source columns that block reads | 1], against [their
+    block of W; those source columns of the lower groups' O-wide results at native resolution, already
+    interpolated to the row in height; the bias]. So the output is written once, by one batched matrix product
+    per band, and no upsampled O-wide map ever exists; the interpolation costs a few multiply-adds per output
+    value per group (the source columns a block reads), at matrix-product speed.
     """
-    b, width = features[0].shape[0], weight.shape[0]
-    native, direct = [], []                               # (B, r, r, O) results / (B, L, L, C_g) features, W_g
-    for g in sorted(groups, key=lambda g: g.resolution):
-        w, f = weight[:, g.start:g.stop], _group_maps(features, g, weight.dtype)
+    b, width, dtype, device = features[0].shape[0], weight.shape[0], weight.dtype, weight.device
+    direct, direct_weights, lower = [], [], []
+    for g in groups:
+        w, f = weight[:, g.start:g.stop], _group_maps(features, g, dtype)
         if g.resolution > size:
             f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
-        if f.shape[-1] < size:
-            native.append((f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) @ w.t()).view(b, *f.shape[-2:], width))
+        r = f.shape[-1]
+        if r == size:
+            direct.append(f.permute(0, 2, 3, 1))
+            direct_weights.append(w.t())
         else:
-            direct.append((f.permute(0, 2, 3, 1).contiguous(), w.t()))
+            native = (f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) @ w.t()).view(b, r, r, width)  # (B, r, r, O)
+            lower.append((native, _interpolation_matrix(size, r).to(device, dtype)))
+    direct = torch.cat(direct, -1) if direct else torch.zeros(b, size, size, 0, dtype=dtype, device=device)
+    cd = direct.shape[-1]
+    blocks = -(-size // block)
+    block = -(-size // blocks)                                     # equal blocks; the last may be shorter
+    starts = range(0, size, block)
+    # Per lower group: a window of `span` source columns per block, covering the columns its weights touch.
+    windows, k = [], cd
+    for h, matrix in lower:
+        supports = [_support(matrix[x0:x0 + block]) for x0 in starts]
+        span = max(c1 - c0 for c0, c1 in supports)
+        first = [min(c0, h.shape[1] - span) for c0, _ in supports]
+        windows.append((k, span, torch.tensor([c + i for c in first for i in range(span)], device=device)))
+        k += span
+    k += bias is not None
+    # Left operand per block (block, K): the width weights and ones are the same in every row, the direct features
+    # are copied in per band. Right operand per block (K, O): W's block and the bias are fixed, the lower groups'
+    # columns are copied in per band.
+    rows_max = min(band, size)
+    left = torch.zeros(b * rows_max, blocks, block, k, dtype=dtype, device=device)
+    right = torch.zeros(b * rows_max, blocks, k, width, dtype=dtype, device=device)
+    for (h, matrix), (offset, span, columns) in zip(lower, windows):
+        for j, x0 in enumerate(starts):
+            c = int(columns[j * span])
+            left[:, j, :len(range(x0, min(x0 + block, size))), offset:offset + span] = matrix[x0:x0 + block, c:c + span]
+    if cd:
+        right[:, :, :cd] = torch.cat(direct_weights, 0)
+    if bias is not None:
+        left[..., -1] = 1
+        right[:, :, -1] = bias
+    padded = blocks * block
     for y0 in range(0, size, band):
         rows = range(y0, min(y0 + band, size))
-        out = torch.zeros(b, len(rows), size, width, device=weight.device, dtype=weight.dtype)
-        if bias is not None:
-            out += bias
-        for h in native:
-            i0, i1, a = _source_rows(size, h.shape[1], rows)
-            a = a.to(h.device, h.dtype)[None, :, None, None]
-            part = torch.lerp(h[:, i0], h[:, i1], a)                          # (B, rows, r, O): height done
-            # (B, O, rows, r) seen channels-last; a height scale of 1 copies rows, so only width is resampled.
-            out += F.interpolate(part.permute(0, 3, 1, 2), size=(len(rows), size), mode="bilinear",
-                                 align_corners=False).permute(0, 2, 3, 1)
-        for f, wt in direct:
-            out.view(-1, width).addmm_(f[:, y0:rows.stop].reshape(-1, f.shape[-1]), wt)
-        yield rows, out
+        n = len(rows)
+        lhs, rhs = left[:b * n].view(b, n, padded, k), right[:b * n].view(b, n, blocks, k, width)
+        lhs[:, :, :size, :cd] = direct[:, y0:rows.stop]
+        for (h, matrix), (offset, span, columns) in zip(lower, windows):
+            if blocks == 1:  # one block reads every source column: straight into the right operand
+                _height_step(h, matrix, rows, rhs[:, :, 0, offset:offset + span])
+                continue
+            heights = _height_step(h, matrix, rows, torch.empty(b, n, h.shape[1], width, dtype=dtype, device=device))
+            rhs[:, :, :, offset:offset + span] = heights[:, :, columns].view(b, n, blocks, span, width)
+        out = torch.bmm(lhs.view(-1, block, k), rhs.view(-1, k, width)).view(b, n, padded, width)
+        yield rows, out[:, :, :size]
 
 
 def materialized_hypercolumns(features: list[torch.Tensor], size: int) -> torch.Tensor:
