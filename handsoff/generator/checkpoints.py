@@ -298,34 +298,30 @@ def _expect_kernel(t: torch.Tensor, gain: float, key: str, path: Path) -> None:
         raise CheckpointError(f"{path}: {key} is not the [1, 3, 3, 1] blur kernel; custom kernels are not supported")
 
 
-def _styled_conv_key(sub: str, t: torch.Tensor, key: str, path: Path, notes: dict):
+def _modulated_key(sub: str, t: torch.Tensor, key: str, path: Path, notes: dict, own: dict, kernel: str):
+    """A rosinality modulated conv's tensor ``sub`` -> (our name, tensor): its weight and modulation, the entries
+    of ``own`` (rosinality name -> (our name, reshape)), and its blur kernel ``kernel`` (checked, not kept)."""
     if sub == "conv.weight":
         return "weight", t[0]
     if sub.startswith("conv.modulation."):
         return "affine." + sub.rsplit(".", 1)[1], t
-    if sub == "noise.weight":
-        return "noise_strength", t.reshape(())
-    if sub == "activate.bias":
-        return "bias", t
-    if sub == "conv.blur.kernel":
+    if sub in own:
+        name, shape = own[sub]
+        return name, t.reshape(shape)
+    if sub == kernel:
         _expect_kernel(t, 4.0, key, path)
         notes["kernels"] += 1
         return None, None
     return "?", None
+
+
+def _styled_conv_key(sub: str, t: torch.Tensor, key: str, path: Path, notes: dict):
+    return _modulated_key(sub, t, key, path, notes, {"noise.weight": ("noise_strength", ()),
+                                                     "activate.bias": ("bias", (-1,))}, "conv.blur.kernel")
 
 
 def _torgb_key(sub: str, t: torch.Tensor, key: str, path: Path, notes: dict):
-    if sub == "conv.weight":
-        return "weight", t[0]
-    if sub.startswith("conv.modulation."):
-        return "affine." + sub.rsplit(".", 1)[1], t
-    if sub == "bias":
-        return "bias", t.reshape(-1)
-    if sub == "upsample.kernel":
-        _expect_kernel(t, 4.0, key, path)
-        notes["kernels"] += 1
-        return None, None
-    return "?", None
+    return _modulated_key(sub, t, key, path, notes, {"bias": ("bias", (-1,))}, "upsample.kernel")
 
 
 def _conv_index_to_layer(k: int) -> str:
