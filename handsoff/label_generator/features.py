@@ -150,17 +150,6 @@ def _support(matrix: torch.Tensor) -> tuple[int, int]:
     return int(cols.min()), int(cols.max()) + 1
 
 
-def _height_step(h: torch.Tensor, matrix: torch.Tensor, rows: range, out: torch.Tensor) -> torch.Tensor:
-    """Label ``rows`` of native results h (B, r, r, O) interpolated in height into ``out`` (B, len(rows), r, O),
-    which may be a view with strided rows: one (rows, s) @ (s, r * O) product per image over the s source rows
-    the band reads."""
-    c0, c1 = _support(matrix[rows.start:rows.stop])
-    for i in range(h.shape[0]):
-        torch.mm(matrix[rows.start:rows.stop, c0:c1], h[i, c0:c1].reshape(c1 - c0, -1),
-                 out=out[i].view(len(rows), -1))
-    return out
-
-
 @torch.no_grad()
 def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], weight: torch.Tensor,
                       bias: torch.Tensor | None, size: int, band: int, block: int = WIDTH_BLOCK):
@@ -197,8 +186,7 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
     for h, matrix in lower:
         supports = [_support(matrix[x0:x0 + block]) for x0 in starts]
         span = max(c1 - c0 for c0, c1 in supports)
-        first = [min(c0, h.shape[1] - span) for c0, _ in supports]
-        windows.append((k, span, torch.tensor([c + i for c in first for i in range(span)], device=device)))
+        windows.append((k, span, [min(c0, h.shape[1] - span) for c0, _ in supports]))
         k += span
     k += bias is not None
     # Left operand per block (block, K): the width weights and ones are the same in every row, the direct features
@@ -207,9 +195,8 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
     rows_max = min(band, size)
     left = torch.zeros(b * rows_max, blocks, block, k, dtype=dtype, device=device)
     right = torch.zeros(b * rows_max, blocks, k, width, dtype=dtype, device=device)
-    for (h, matrix), (offset, span, columns) in zip(lower, windows):
-        for j, x0 in enumerate(starts):
-            c = int(columns[j * span])
+    for (h, matrix), (offset, span, firsts) in zip(lower, windows):
+        for j, (x0, c) in enumerate(zip(starts, firsts)):
             left[:, j, :len(range(x0, min(x0 + block, size))), offset:offset + span] = matrix[x0:x0 + block, c:c + span]
     if cd:
         right[:, :, :cd] = torch.cat(direct_weights, 0)
@@ -222,12 +209,13 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
         n = len(rows)
         lhs, rhs = left[:b * n].view(b, n, padded, k), right[:b * n].view(b, n, blocks, k, width)
         lhs[:, :, :size, :cd] = direct[:, y0:rows.stop]
-        for (h, matrix), (offset, span, columns) in zip(lower, windows):
-            if blocks == 1:  # one block reads every source column: straight into the right operand
-                _height_step(h, matrix, rows, rhs[:, :, 0, offset:offset + span])
-                continue
-            heights = _height_step(h, matrix, rows, torch.empty(b, n, h.shape[1], width, dtype=dtype, device=device))
-            rhs[:, :, :, offset:offset + span] = heights[:, :, columns].view(b, n, blocks, span, width)
+        for (h, matrix), (offset, span, firsts) in zip(lower, windows):
+            c0, c1 = _support(matrix[y0:rows.stop])                          # the source rows this band reads
+            heights = matrix[y0:rows.stop, c0:c1]                              # (n, s)
+            for i in range(b):
+                for j, c in enumerate(firsts):  # (n, s) @ (s, span * O), straight into the right operand's rows
+                    torch.mm(heights, h[i, c0:c1, c:c + span].reshape(c1 - c0, -1),
+                             out=rhs[i, :, j, offset:offset + span].view(n, -1))
         out = torch.bmm(lhs.view(-1, block, k), rhs.view(-1, k, width)).view(b, n, padded, width)
         yield rows, out[:, :, :size]
 
