@@ -69,29 +69,24 @@ def heat_to_rgb(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
 
 
 def label_panels(sample: dict, colors, scale: int = 2) -> Image.Image:
-    """One sample side by side: image | mask overlay with keypoints | depth, each upscaled ``scale`` times."""
+    """One sample side by side, upscaled ``scale`` times: image | overlay | extra panels, each task drawing its
+    label (``paint``: segmentation blends its mask into the overlay, depth adds a panel; ``mark``: keypoints are
+    drawn on the overlay after upscaling)."""
     from PIL import ImageDraw
+
+    from handsoff.tasks import sample_tasks
 
     image = sample["image"]
     h, w = image.shape[:2]
-    panels = [image]
-    overlay = image.copy()
-    if "mask" in sample:
-        palette = np.array(colors, np.uint8)
-        overlay = (0.45 * image + 0.55 * palette[sample["mask"]]).astype(np.uint8)
-    panels.append(overlay)
-    if "depth" in sample:
-        panels.append(depth_to_rgb(sample["depth"]))
+    panels = [image, image.copy()]
+    tasks = sample_tasks(sample)
+    for task in tasks:
+        task.paint(panels, sample[task.sample_key], colors)
     strip = Image.fromarray(np.concatenate(panels, axis=1)).resize((w * len(panels) * scale, h * scale),
                                                                      Image.NEAREST)
-    if "keypoints" in sample:
-        draw = ImageDraw.Draw(strip)
-        for x, y, v in sample["keypoints"]:
-            if v <= 0:
-                continue
-            cx, cy, r = (x + w) * scale, y * scale, max(scale, 2)
-            fill = (0, 255, 0) if v == 2 else None
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=(255, 0, 0) if v == 1 else fill)
+    draw = ImageDraw.Draw(strip)
+    for task in tasks:
+        task.mark(draw, sample[task.sample_key], (w * scale, 0), scale)
     return strip
 
 

@@ -123,8 +123,7 @@ def test_written_dataset_roundtrip_and_flip(tmp_path):
 
     ds = LabeledImageDataset(out)
     plain = ds[4]
-    perm = ds.keypoint_perm
-    flipped = joint_transform(sample, (64, 64), (0, 0, 64, 64), True, perm, ds.class_lut)
+    flipped = joint_transform(sample, (64, 64), (0, 0, 64, 64), True, ds.flip_permutations)
     assert torch.equal(flipped["mask"], plain["mask"].flip(-1))
     assert torch.equal(flipped["depth"], plain["depth"].flip(-1))
     left, right = KEYPOINTS.index("left_eye"), KEYPOINTS.index("right_eye")

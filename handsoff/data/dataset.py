@@ -14,22 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
-def _flip_permutation(names: list[str], pairs) -> np.ndarray:
-    perm = np.arange(len(names))
-    index = {n: i for i, n in enumerate(names)}
-    for a, b in pairs:
-        perm[index[a]], perm[index[b]] = index[b], index[a]
-    return perm
-
-
 def joint_transform(sample: dict, out_size: tuple[int, int], box: tuple[float, float, float, float],
-                    flip: bool, keypoint_perm: np.ndarray | None = None,
-                    class_lut: np.ndarray | None = None) -> dict:
+                    flip: bool, flip_permutations: dict | None = None) -> dict:
     """Crop ``box`` = (x0, y0, width, height) (rounded to whole pixels), resize to out_size = (H, W), flip.
 
-    Returns tensors: image (3, H, W) float in [-1, 1]; mask (H, W) int64; depth (1, H, W) float32;
-    keypoints (K, 3) float32 in output pixels with pixel centres at +0.5.
+    Returns tensors: image (3, H, W) float in [-1, 1], and each label the sample holds as its task's ``transform``
+    gives it (mask (H, W) int64; depth (1, H, W) float32; keypoints (K, 3) float32 in output pixels with pixel
+    centres at +0.5). ``flip_permutations``: task name -> its labels' left/right permutation (``flip_permutation``).
     """
+    from handsoff.tasks import sample_tasks
+
     out_h, out_w = out_size
     x0, y0, bw, bh = (int(round(v)) for v in box)  # whole pixels, so image and labels see the same crop
     out = {"name": sample["name"]}
@@ -46,25 +40,10 @@ def joint_transform(sample: dict, out_size: tuple[int, int], box: tuple[float, f
         image = image.flip(-1)
         cols = cols[::-1]
     out["image"] = image.clamp(-1, 1)
-    if "mask" in sample:
-        mask = sample["mask"][rows[:, None], cols[None, :]]
-        if flip and class_lut is not None:
-            mask = class_lut[mask]
-        out["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
-    if "depth" in sample:
-        depth = sample["depth"][rows[:, None], cols[None, :]]
-        out["depth"] = torch.from_numpy(np.ascontiguousarray(depth))[None].float()
-    if "keypoints" in sample:
-        kp = sample["keypoints"].astype(np.float32).copy()
-        kp[:, 0] = (kp[:, 0] - x0) * out_w / bw
-        kp[:, 1] = (kp[:, 1] - y0) * out_h / bh
-        if flip:
-            kp[:, 0] = out_w - kp[:, 0]
-            if keypoint_perm is not None:
-                kp = kp[keypoint_perm]
-        outside = (kp[:, 0] < 0) | (kp[:, 0] >= out_w) | (kp[:, 1] < 0) | (kp[:, 1] >= out_h)
-        kp[outside, 2] = 0
-        out["keypoints"] = torch.from_numpy(kp)
+    for task in sample_tasks(sample):
+        permutation = (flip_permutations or {}).get(task.name) if flip else None
+        out[task.sample_key] = task.transform(sample[task.sample_key], rows, cols, (x0, y0, bw, bh), out_size, flip,
+                                              permutation)
     return out
 
 
@@ -86,10 +65,9 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         self.card = self.folder.card
         self.size, self.augment, self.crop_scale, self.flip_p, self.seed = size, augment, crop_scale, flip_p, seed
         self.epoch = 0
-        names = self.card.keypoint_names
-        self.keypoint_perm = _flip_permutation(names, self.card.keypoint_flip_pairs) if names else None
-        classes = self.card.classes
-        self.class_lut = _flip_permutation(classes, self.card.class_flip_pairs) if classes else None
+        from handsoff.tasks import card_tasks
+
+        self.flip_permutations = {t.name: t.flip_permutation(self.card) for t in card_tasks(self.card)}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,4 +85,4 @@ class LabeledImageDataset(torch.utils.data.Dataset):
             side = max(1, int(min(h, w) * rng.uniform(*self.crop_scale)))
             box = (int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)), side, side)
             flip = bool(rng.uniform() < self.flip_p)
-        return joint_transform(sample, out_size, box, flip, self.keypoint_perm, self.class_lut)
+        return joint_transform(sample, out_size, box, flip, self.flip_permutations)

@@ -14,6 +14,7 @@ Every file is written to a temporary name and renamed, so a killed writer leaves
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from handsoff.fileio import atomic_save, atomic_write_bytes, atomic_write_json
 FORMAT_NAME = "handsoff-labeled"
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-LAYOUT_NAMES = {"dataset.json", "images", "masks", "depth", "keypoints.json", "factors.jsonl"}
+LAYOUT_NAMES = {"dataset.json", "images", "factors.jsonl"}  # and each task's folder or dataset-wide file
 
 
 class DatasetError(DataError):
@@ -112,58 +113,36 @@ def default_color(i: int) -> list[int]:
     return [int(r * 255), int(g * 255), int(b * 255)]
 
 
-def coco_keypoints(image_id: int, keypoints) -> dict:
-    """The COCO annotation of one image's keypoints (K, 3) [x, y, v] (the annotation id is the image id)."""
-    kp = np.asarray(keypoints, np.float64)
-    return {"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-            "keypoints": [round(float(v), 3) for v in kp.reshape(-1)], "num_keypoints": int((kp[:, 2] > 0).sum())}
-
-
-def write_keypoints_json(path: Path, card: DatasetCard, images: list[dict], annotations: list[dict]) -> None:
-    """``keypoints.json``: COCO images, annotations and the one category with the card's names and skeleton."""
-    index = {n: i + 1 for i, n in enumerate(card.keypoint_names)}
-    atomic_write_json(path, {"images": images, "annotations": annotations,
-                             "categories": [{"id": 1, "name": "object", "keypoints": card.keypoint_names,
-                                             "skeleton": [[index[a], index[b]] for a, b in card.skeleton]}]})
-
-
-def _mask_path(root: Path, name: str) -> Path:
-    return root / "masks" / f"{name}.png"
-
-
-def _depth_path(root: Path, card: DatasetCard, name: str) -> Path:
-    return root / "depth" / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}"
-
-
 def sample_files(root: Path, card: DatasetCard, name: str) -> list[Path]:
-    """The per-sample files of sample ``name`` in the layout: image, and mask and depth where the card has them
-    (keypoints live in the dataset-wide keypoints.json)."""
-    files = [root / "images" / f"{name}.png"]
-    if card.classes is not None:
-        files.append(_mask_path(root, name))
-    if card.depth_format is not None:
-        files.append(_depth_path(root, card, name))
-    return files
+    """The per-sample files of sample ``name`` in the layout: its image and the label files of the tasks the card
+    declares that keep one file per sample (keypoints live in the dataset-wide keypoints.json)."""
+    from handsoff.tasks import card_tasks
+
+    return [root / "images" / f"{name}.png"] + [t.label_path(root, card, name) for t in card_tasks(card) if t.folder]
 
 
-def write_sample_files(root: Path, card: DatasetCard, name: str, image: np.ndarray, mask: np.ndarray | None = None,
-                       depth: np.ndarray | None = None) -> None:
-    """Write one sample's image (H, W, 3) uint8, mask (H, W) ids and depth (H, W) float, each atomically, in the
-    card's formats (depth as .npy float32, or 16-bit PNG of depth * depth_scale)."""
-    atomic_save(root / "images" / f"{name}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
-    if mask is not None:
-        atomic_save(_mask_path(root, name),
-                    lambda p: Image.fromarray(np.asarray(mask).astype(np.uint8)).save(p, format="PNG"))
-    if depth is not None:
-        if card.depth_format == "png16":
-            value = np.clip(np.round(depth * card.depth_scale), 0, 65535).astype(np.uint16)
-            atomic_save(_depth_path(root, card, name), lambda p: Image.fromarray(value).save(p, "PNG"))
-        else:
-            atomic_save(_depth_path(root, card, name), lambda p: np.save(p, np.asarray(depth, np.float32)))
+def write_sample_files(root: Path, card: DatasetCard, name: str, sample: dict) -> None:
+    """Write one sample's per-sample label files (each task's ``write_label``: mask (H, W) ids as PNG, depth (H, W)
+    in the card's format), then its image (H, W, 3) uint8, each atomically: a label refused (a class id that does
+    not fit a PNG) leaves no image behind."""
+    from handsoff.tasks import sample_tasks
+
+    for task in sample_tasks(sample):
+        if task.folder:
+            task.write_label(root, card, name, sample[task.sample_key])
+    atomic_save(root / "images" / f"{name}.png", lambda p: Image.fromarray(sample["image"]).save(p, format="PNG"))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """An (H, W) or (H, W, 3) uint8 / uint16 array as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class DatasetWriter:
-    """Write samples into the standard layout; ``close()`` writes keypoints.json and dataset.json last.
+    """Write samples into the standard layout; ``close()`` writes the dataset-wide label files (keypoints.json)
+    and dataset.json last.
 
     Refuses a non-empty output folder unless ``overwrite`` (then existing files of the same names are replaced),
     and even then a folder holding anything but the layout's own files.
@@ -174,41 +153,44 @@ class DatasetWriter:
         if self.root.exists() and any(self.root.iterdir()):
             if not overwrite:
                 raise OutputError(f"{self.root}: exists and is not empty (use --force / overwrite=True)")
-            foreign = sorted(p.name for p in self.root.iterdir() if p.name not in LAYOUT_NAMES)
+            from handsoff.tasks import TASKS
+
+            own = LAYOUT_NAMES | {t.folder or t.dataset_file for t in TASKS.values()}
+            foreign = sorted(p.name for p in self.root.iterdir() if p.name not in own)
             if foreign:  # --force rewrites a dataset, never a folder of someone else's files
                 raise OutputError(f"{self.root}: holds {', '.join(foreign[:3])}, which is not part of a labeled "
                                   "dataset; --force only rewrites dataset folders, choose another output")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.coco_images, self.coco_annotations, self.factors = [], [], []
+        self.dataset_labels: dict[str, list] = {}  # task name -> [(name, (H, W), label)] for its dataset-wide file
+        self.factors = []
         self.names: set[str] = set()
 
     def add(self, name: str, image: np.ndarray, mask: np.ndarray | None = None, depth: np.ndarray | None = None,
             keypoints: np.ndarray | None = None, factors: dict | None = None) -> None:
-        """image (H, W, 3) uint8; mask (H, W) integer ids in 0..255; depth (H, W) float; keypoints (K, 3)
-        [x, y, v]. A repeated name or a class id that does not fit a mask PNG is an error, never a silent
-        overwrite or wrap-around."""
+        """image (H, W, 3) uint8 and its labels under their sample keys: mask (H, W) integer ids in 0..255; depth
+        (H, W) float; keypoints (K, 3) [x, y, v]. A repeated name or a class id that does not fit a mask PNG is an
+        error, never a silent overwrite or wrap-around."""
         if name in self.names:
             raise DatasetError(f"{self.root}: two samples named {name!r} (e.g. images of the same file stem in "
                                "different folders); rename one")
-        if mask is not None:
-            mask = np.asarray(mask)
-            if mask.dtype.kind not in "iub" or (mask.size and (mask.min() < 0 or mask.max() > 255)):
-                bad = mask.dtype if mask.dtype.kind not in "iub" else f"ids {mask.min()}..{mask.max()}"
-                raise DatasetError(f"{self.root}: mask of {name!r} holds {bad}; class ids must be integers in "
-                                   "0..255 (merge classes with a mapping)")
+        from handsoff.tasks import sample_tasks
+
+        labels = {key: value for key, value in (("mask", mask), ("depth", depth), ("keypoints", keypoints))
+                  if value is not None}
+        write_sample_files(self.root, self.card, name, {"image": image, **labels})
         self.names.add(name)
-        h, w = image.shape[:2]
-        write_sample_files(self.root, self.card, name, image, mask, depth)
-        if keypoints is not None:
-            image_id = len(self.coco_images) + 1
-            self.coco_images.append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
-            self.coco_annotations.append(coco_keypoints(image_id, keypoints))
+        for task in sample_tasks(labels):
+            if task.dataset_file:
+                self.dataset_labels.setdefault(task.name, []).append((name, image.shape[:2], labels[task.sample_key]))
         if factors is not None:
             self.factors.append({"name": name, **factors})
 
     def close(self) -> Path:
-        if self.card.keypoint_names is not None:
-            write_keypoints_json(self.root / "keypoints.json", self.card, self.coco_images, self.coco_annotations)
+        from handsoff.tasks import card_tasks
+
+        for task in card_tasks(self.card):
+            if task.dataset_file:
+                task.write_dataset_file(self.root, self.card, self.dataset_labels.get(task.name, []))
         if self.factors:
             atomic_write_bytes(self.root / "factors.jsonl",
                                "".join(json.dumps(f) + "\n" for f in self.factors).encode())
@@ -258,42 +240,16 @@ def read_label_png(path: Path, what: str) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read {what} ({e})") from None
 
 
-def read_sample_labels(root: Path, card: DatasetCard, name: str, shape: tuple[int, int], image_name: str) -> dict:
-    """The per-sample label files of ``name`` the card declares: mask (H, W) int64 and depth (H, W) float32, checked
-    against the image's ``shape`` (H, W); DatasetError naming the file for anything missing or malformed."""
-    h, w = shape
-    sample = {}
-    if card.classes is not None:
-        path = _mask_path(root, name)
-        if not path.is_file():
-            raise DatasetError(f"{path}: mask missing for image {image_name}")
-        mask = read_label_png(path, "mask")
-        if mask.ndim != 2 or mask.dtype.kind not in "iub":
-            raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
-                               f"shape {mask.shape}")
-        if mask.shape != (h, w):
-            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {w}x{h}")
-        if mask.max() >= len(card.classes):
-            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(card.classes))))
-            raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(card.classes)} classes)")
-        sample["mask"] = mask.astype(np.int64)
-    if card.depth_format is not None:
-        path = _depth_path(root, card, name)
-        if not path.is_file():
-            raise DatasetError(f"{path}: depth missing for image {image_name}")
-        if card.depth_format == "npy":
-            try:
-                depth = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as e:
-                raise DatasetError(f"{path}: cannot read depth ({e})") from None
-            if depth.dtype.kind not in "fiu":
-                raise DatasetError(f"{path}: depth must be numbers, got {depth.dtype}")
-        else:
-            depth = read_label_png(path, "depth").astype(np.float32) / card.depth_scale
-        if depth.shape != (h, w):
-            raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {w}x{h}")
-        sample["depth"] = depth.astype(np.float32)
-    return sample
+def read_sample_labels(root: Path, card: DatasetCard, name: str, shape: tuple[int, int], image_name: str,
+                       indexes: dict | None = None) -> dict:
+    """The labels of sample ``name`` the card declares, under their sample keys, each checked against the image's
+    ``shape`` (H, W) by its task's ``read_label`` (dataset-wide files come read, as ``indexes``: task name ->
+    ``read_dataset_file``); DatasetError naming the file for anything missing or malformed."""
+    from handsoff.tasks import card_tasks
+
+    indexes = indexes or {}
+    return {t.sample_key: t.read_label(root, card, name, shape, image_name, indexes.get(t.name))
+            for t in card_tasks(card)}
 
 
 class LabeledFolder:
@@ -313,35 +269,10 @@ class LabeledFolder:
         if not self.image_paths:
             raise DatasetError(f"{image_dir}: no images")
         self.names = sorted(self.image_paths)
-        self.keypoints: dict[str, np.ndarray] = {}
-        if self.card.keypoint_names is not None:
-            self.keypoints = self._read_keypoints()
+        from handsoff.tasks import card_tasks
 
-    def _read_keypoints(self) -> dict[str, np.ndarray]:
-        path = self.root / "keypoints.json"
-        if not path.is_file():
-            raise DatasetError(f"{path}: missing, but dataset.json declares keypoints")
-        k = len(self.card.keypoint_names)
-        try:
-            coco = json.loads(path.read_text())
-            by_id = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
-            annotations = [(ann["id"], ann["image_id"], np.asarray(ann["keypoints"], np.float32))
-                           for ann in coco["annotations"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DatasetError(f"{path}: not a COCO keypoints file ({type(e).__name__}: {e})") from None
-        out = {}
-        for ann_id, image_id, kp in annotations:
-            if kp.size != 3 * k:
-                raise DatasetError(f"{path}: annotation {ann_id} has {kp.size // 3} keypoints, expected {k}")
-            if not np.isfinite(kp).all():
-                raise DatasetError(f"{path}: annotation {ann_id} holds NaN or infinite keypoint values; every "
-                                   "x, y, v must be a finite number (an unlabeled keypoint is 0, 0, 0)")
-            if not np.isin(kp[2::3], (0, 1, 2)).all():
-                raise DatasetError(f"{path}: annotation {ann_id} has visibility flags other than 0, 1, 2")
-            if image_id not in by_id:
-                raise DatasetError(f"{path}: annotation {ann_id} refers to image id {image_id}, which is not listed")
-            out[by_id[image_id]] = kp.reshape(k, 3)
-        return out
+        self.indexes = {t.name: t.read_dataset_file(self.root, self.card) for t in card_tasks(self.card)
+                        if t.dataset_file}  # dataset-wide label files (keypoints.json), read once
 
     def __len__(self) -> int:
         return len(self.names)
@@ -349,10 +280,5 @@ class LabeledFolder:
     def load(self, name: str) -> dict:
         """image (H, W, 3) uint8, and per task: mask (H, W) int64, depth (H, W) float32, keypoints (K, 3)."""
         image = read_image(self.image_paths[name])
-        sample = {"name": name, "image": image, **read_sample_labels(self.root, self.card, name, image.shape[:2],
-                                                                      self.image_paths[name].name)}
-        if self.card.keypoint_names is not None:
-            if name not in self.keypoints:
-                raise DatasetError(f"{self.root / 'keypoints.json'}: no keypoints for image {name}")
-            sample["keypoints"] = self.keypoints[name].copy()
-        return sample
+        return {"name": name, "image": image, **read_sample_labels(self.root, self.card, name, image.shape[:2],
+                                                                    self.image_paths[name].name, self.indexes)}

@@ -21,29 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from handsoff.data.layout import DatasetError
+from handsoff.data.layout import DatasetError, png_bytes
 from handsoff.fileio import atomic_save
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode_sample(sample: dict) -> list[tuple[str, bytes]]:
-    """(suffix, bytes) pairs of a sample dict (image, optional mask / depth / keypoints)."""
-    parts = [("png", _png(sample["image"]))]
-    if "mask" in sample:
-        parts.append(("mask.png", _png(np.asarray(sample["mask"]).astype(np.uint8))))
-    if "depth" in sample:
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(sample["depth"], np.float32))
-        parts.append(("depth.npy", buf.getvalue()))
-    if "keypoints" in sample:
-        kp = [[round(float(v), 3) for v in row] for row in np.asarray(sample["keypoints"])]
-        parts.append(("kp.json", json.dumps({"keypoints": kp}).encode()))
-    return parts
+    """(suffix, bytes) pairs of a sample dict: the image, then each label it holds (its task's ``to_bytes``)."""
+    from handsoff.tasks import sample_tasks
+
+    return [("png", png_bytes(sample["image"]))] + [(t.shard_suffix, t.to_bytes(sample[t.sample_key]))
+                                                    for t in sample_tasks(sample)]
 
 
 def write_webdataset(path: str | os.PathLike, samples: list[tuple[str, dict]]) -> Path:
@@ -61,15 +48,15 @@ def write_webdataset(path: str | os.PathLike, samples: list[tuple[str, dict]]) -
 
 
 def _decode(suffix: str, data: bytes, where: str):
+    """(sample key, value) of one shard member; (None, None) for a suffix no task reads."""
+    from handsoff.tasks import TASKS
+
     try:
         if suffix == "png":
             return "image", np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        if suffix == "mask.png":
-            return "mask", np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
-        if suffix == "depth.npy":
-            return "depth", np.load(io.BytesIO(data)).astype(np.float32)
-        if suffix == "kp.json":
-            return "keypoints", np.asarray(json.loads(data)["keypoints"], np.float32)
+        for task in TASKS.values():
+            if suffix == task.shard_suffix:
+                return task.sample_key, task.from_bytes(data)
     except Exception as e:  # noqa: BLE001 - any decoding failure is bad data in that member
         raise DatasetError(f"{where}: cannot decode ({e})") from None
     return None, None

@@ -18,11 +18,9 @@ from handsoff import distributed
 from handsoff.data.layout import (
     DatasetCard,
     DatasetError,
-    coco_keypoints,
     read_image,
     read_sample_labels,
     sample_files,
-    write_keypoints_json,
     write_sample_files,
 )
 from handsoff.data.webdataset import write_webdataset
@@ -30,7 +28,7 @@ from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.metrics.labels import presence_pixels
-from handsoff.tasks import Segmentation
+from handsoff.tasks import Segmentation, card_tasks, sample_tasks
 
 PROGRESS_DIR = ".progress"
 
@@ -104,10 +102,11 @@ def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
     for i, index in enumerate(indices):
         sample = prediction_sample(result, i)
         name = _name(index)
-        write_sample_files(out, card, name, sample["image"], sample.get("mask"), sample.get("depth"))
+        write_sample_files(out, card, name, sample)
         entry = {"index": index, "name": name, "scores": {t.name: result[t.name][i]["score"] for t in model.tasks}}
-        if "keypoints" in sample:  # into keypoints.json at the end, as the layout keeps them
-            entry["keypoints"] = [[round(float(v), 3) for v in row] for row in sample["keypoints"]]
+        for task in sample_tasks(sample):  # labels of dataset-wide files (keypoints.json): written at the end
+            if task.dataset_file:
+                entry[task.sample_key] = np.round(np.asarray(sample[task.sample_key], np.float64), 3).tolist()
         if seg is not None:
             counts = np.bincount(sample["mask"].reshape(-1), minlength=len(seg.classes))
             entry["class_pixels"] = counts.tolist()
@@ -308,8 +307,9 @@ def _finalize(model, out: Path, config: GenerationConfig, entries: list[dict], c
 
     kept = [e for e in selected if e["index"] not in dropped]
     card = _card(model, config, kept, manifest, classes, present, source)
-    if card.keypoint_names is not None:
-        _write_coco(out, card, model, kept)
+    for task in card_tasks(card):
+        if task.dataset_file:
+            task.write_dataset_file(out, card, [(e["name"], (model.label_size,) * 2, e[task.sample_key]) for e in kept])
     if config.fmt == "webdataset":
         _pack_shards(out, model, kept, config.shard_size)
     atomic_write_bytes(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest).encode())
@@ -337,14 +337,6 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
                                source={"generated_by": "handsoff generate", **lg_source})
 
 
-def _write_coco(out: Path, card: DatasetCard, model, kept: list[dict]) -> None:
-    size = model.label_size
-    images = [{"id": i, "file_name": f"{e['name']}.png", "width": size, "height": size}
-              for i, e in enumerate(kept, start=1)]
-    write_keypoints_json(out / "keypoints.json", card, images,
-                         [coco_keypoints(i, e["keypoints"]) for i, e in enumerate(kept, start=1)])
-
-
 def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
     """Move the kept samples' files into tar shards, then remove the per-sample folders."""
     card = file_card(model)
@@ -352,17 +344,17 @@ def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
         shutil.rmtree(trash)
     if not (out / "images").exists():  # packed before a kill: the shards are complete
         return
+    indexes = {t.name: {e["name"]: np.asarray(e[t.sample_key], np.float32) for e in kept}
+               for t in card_tasks(card) if t.dataset_file}                 # labels kept in the batch records
     for s in range(0, len(kept), shard_size):
         samples = []
         for e in kept[s:s + shard_size]:
             name = e["name"]
             image = read_image(out / "images" / f"{name}.png")
-            sample = {"image": image, **read_sample_labels(out, card, name, image.shape[:2], f"{name}.png")}
-            if "keypoints" in e:
-                sample["keypoints"] = np.asarray(e["keypoints"], np.float32)
-            samples.append((name, sample))
+            samples.append((name, {"image": image, **read_sample_labels(out, card, name, image.shape[:2],
+                                                                        f"{name}.png", indexes)}))
         write_webdataset(out / f"shard-{s // shard_size:05d}.tar", samples)
-    for folder in ("images", "masks", "depth"):
+    for folder in ["images"] + [t.folder for t in card_tasks(card) if t.folder]:
         if (out / folder).exists():  # rename first, so that a kill never leaves a half-deleted folder
             trash = out / f".{folder}.trash"
             os.replace(out / folder, trash)

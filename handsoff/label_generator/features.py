@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 # Label pixels per matrix product in ``first_layer_bands``: each lower-resolution group adds about
 # block * r / L + 2 source columns to the product's inner dimension (at 64 and L = 512: 77 in all for FFHQ's seven
 # lower groups, next to 192 direct feature channels; 32 was slower, 128 no faster, on a 2-core AVX2 EPYC).

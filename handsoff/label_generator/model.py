@@ -21,7 +21,6 @@ from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
 from handsoff.tasks import task_from_config
 
-
 # Label pixels per band of ``LabelGenerator.dense_outputs`` (at most 16 rows): 8 rows at 512 px, 16 at 64 px. On a
 # 2-core AVX2 EPYC, 1 row at 512 px was 15% slower, 32 or 64 rows at 64 px 20-35% slower.
 BAND_PIXELS = 4096

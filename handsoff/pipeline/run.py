@@ -43,11 +43,11 @@ def comparison(methods: dict[str, dict]) -> dict[str, dict]:
 def _headline(metrics: dict) -> dict:
     """One method's entry in results.json: the flat headline metrics, IoU per class ("iou") and PCK per keypoint
     ("pck_per_keypoint"), so that a reader sees which parts each dataset teaches."""
+    from handsoff.tasks import TASKS
+
     out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    if "segmentation" in metrics:
-        out["iou"] = metrics["segmentation"]["iou"]
-    if "per_keypoint" in metrics.get("keypoints", {}):
-        out["pck_per_keypoint"] = metrics["keypoints"]["per_keypoint"]
+    for task in TASKS.values():
+        out.update(task.breakdown(metrics))
     return out
 
 

@@ -26,6 +26,16 @@ def tasks_from_card(names: list[str], card, **settings) -> list[Task]:
     return [TASKS[name].from_card(card, **settings) for name in names]
 
 
+def card_tasks(card) -> list[type]:
+    """The task classes whose labels ``card`` declares, in registry order (what a dataset's files hold)."""
+    return [cls for cls in TASKS.values() if getattr(card, cls.card_field) is not None]
+
+
+def sample_tasks(sample: dict) -> list[type]:
+    """The task classes whose labels a sample dict holds (by their ``sample_key``), in registry order."""
+    return [cls for cls in TASKS.values() if cls.sample_key in sample]
+
+
 def parse_task_names(text: str) -> list[str]:
     """'seg,kp,depth' (or full names) -> canonical names, in that order, no duplicates."""
     names = []
@@ -40,5 +50,5 @@ def parse_task_names(text: str) -> list[str]:
 
 
 __all__ = ["ALIASES", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES", "Task",
-           "TaskBase", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "soft_dice_loss",
-           "task_from_config", "tasks_from_card", "top_fraction_mean"]
+           "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "sample_tasks",
+           "soft_dice_loss", "task_from_config", "tasks_from_card", "top_fraction_mean"]

@@ -21,6 +21,17 @@ Downstream network (a head with ``out_channels`` channels at the input resolutio
                                           a mean over valid pixels) sums its parts with ``distributed.total``,
                                           so that data-parallel workers compute what one worker does
     metric_update(state, output, batch) -> state;  metric_result(state, image_size) -> dict of metrics
+    breakdown(metrics) -> dict            per-class / per-keypoint entries a run's results.json shows
+Dataset layout (class methods: the card, not fitted values, decides the files), one of two kinds:
+    per-sample files (``folder`` set): label_path(root, card, name), write_label(root, card, name, value),
+                                          read_label(root, card, name, shape, image_name, index=None)
+    one dataset-wide file (``dataset_file`` set): read_dataset_file(root, card) -> {name: value} (the ``index``
+                                          read_label takes), write_dataset_file(root, card, [(name, (H, W), value)])
+    to_bytes(value) / from_bytes(data)    the label as a member of a WebDataset shard (suffix ``shard_suffix``)
+Augmentation (``data.dataset.joint_transform``): transform(value, rows, cols, box, out_size, flip, permutation) ->
+    the label as a tensor after a crop / resize / flip (nearest source ``rows``, ``cols`` of the output pixels;
+    ``permutation`` from flip_permutation(card) on flips)
+Pictures: paint(panels, value, colors) / mark(draw, value, origin, scale) draw the label in ``label_panels``.
 Data: ``sample_key`` (the label's key in a sample dict: "mask", "keypoints", "depth"), ``card_field`` (the dataset
 card attribute that declares it), ``from_card(card, **settings)``, and ``label_names`` / ``names_in(card)`` (class or
 keypoint names, which every dataset a model meets must share); ``config()`` / ``task_from_config`` save and rebuild
@@ -50,6 +61,20 @@ def nearest_resize(array: np.ndarray, size: int) -> np.ndarray:
     rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
     return array[rows[:, None], cols[None, :]]
+
+
+def name_permutation(names: list[str], pairs) -> np.ndarray:
+    """ids 0..len(names)-1 with each (a, b) pair of names swapped: a left/right flip's relabeling."""
+    perm = np.arange(len(names))
+    index = {n: i for i, n in enumerate(names)}
+    for a, b in pairs:
+        perm[index[a]], perm[index[b]] = index[b], index[a]
+    return perm
+
+
+def pixel_label_transform(value: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """A per-pixel label (H, W) at the output pixels' nearest source ``rows`` (H',) and ``cols`` (W',)."""
+    return np.ascontiguousarray(value[rows[:, None], cols[None, :]])
 
 
 def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
@@ -93,6 +118,29 @@ class TaskBase:
 
     aliases: ClassVar[tuple[str, ...]] = ()
     fitted: ClassVar[tuple[str, ...]] = ()
+    folder: ClassVar[str | None] = None        # per-sample label files live in DATASET/folder/
+    dataset_file: ClassVar[str | None] = None  # or all samples' labels in this one file of DATASET/
+    shard_suffix: ClassVar[str]                # WebDataset member suffix of the label
+
+    @classmethod
+    def flip_permutation(cls, card) -> np.ndarray | None:
+        """The permutation of this task's label ids under a horizontal flip (left/right names swapped), or None."""
+        return None
+
+    @classmethod
+    def breakdown(cls, metrics: dict) -> dict:
+        """What a run's results.json shows of this task's metrics beyond the headline numbers (per class, per
+        keypoint), from an evaluation's ``metrics``; {} where it has none."""
+        return {}
+
+    @classmethod
+    def paint(cls, panels: list[np.ndarray], value, colors) -> None:
+        """Draw the label into a sample's panels (``visualize.label_panels``): panels[0] is the image, panels[1] the
+        overlay (H, W, 3) uint8; a task may change the overlay in place or append panels of its own."""
+
+    @classmethod
+    def mark(cls, draw, value, origin: tuple[int, int], scale: int) -> None:
+        """Draw marks on the upscaled strip with PIL's ``draw``; the overlay panel's top-left is ``origin``."""
 
     def fit(self, samples) -> None:
         """Nothing to fit from the labels (``samples`` is a lazy iterable, left unread)."""

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
+from handsoff.data.layout import DatasetError, read_label_png
 from handsoff.distributed import total
 from handsoff.errors import DataError
+from handsoff.fileio import atomic_save
 from handsoff.metrics.labels import depth_errors
-from handsoff.tasks.base import TaskBase, top_fraction_mean
+from handsoff.tasks.base import TaskBase, pixel_label_transform, top_fraction_mean
 
 NORMALIZATION_SAMPLES = 200  # depth maps per dataset that fix the downstream network's normalization
 
@@ -24,6 +30,8 @@ class Depth(TaskBase):
     card_field = "depth_format"
     card_label = "depth maps"
     fitted = ("log_mean", "log_std")  # config keys a fit computes (not inputs to it)
+    folder = "depth"
+    shard_suffix = "depth.npy"
     out_channels = 1
 
     def __init__(self, log_mean: float = 0.0, log_std: float = 1.0):
@@ -52,6 +60,64 @@ class Depth(TaskBase):
 
     def inverse(self, t: torch.Tensor) -> torch.Tensor:
         return torch.exp(t * self.log_std + self.log_mean)
+
+    # --- dataset layout ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def label_path(cls, root: Path, card, name: str) -> Path:
+        return root / cls.folder / f"{name}.{'npy' if card.depth_format == 'npy' else 'png'}"
+
+    @classmethod
+    def write_label(cls, root: Path, card, name: str, value: np.ndarray) -> None:
+        """As .npy float32, or as a 16-bit PNG of depth * card.depth_scale (rounded, clipped to 0..65535)."""
+        path = cls.label_path(root, card, name)
+        if card.depth_format == "png16":
+            png = np.clip(np.round(np.asarray(value) * card.depth_scale), 0, 65535).astype(np.uint16)
+            atomic_save(path, lambda p: Image.fromarray(png).save(p, "PNG"))
+        else:
+            atomic_save(path, lambda p: np.save(p, np.asarray(value, np.float32)))
+
+    @classmethod
+    def read_label(cls, root: Path, card, name: str, shape: tuple[int, int], image_name: str, index=None
+                   ) -> np.ndarray:
+        """(H, W) float32 depth, checked against the image's ``shape``."""
+        path = cls.label_path(root, card, name)
+        if not path.is_file():
+            raise DatasetError(f"{path}: depth missing for image {image_name}")
+        if card.depth_format == "npy":
+            try:
+                depth = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise DatasetError(f"{path}: cannot read depth ({e})") from None
+            if depth.dtype.kind not in "fiu":
+                raise DatasetError(f"{path}: depth must be numbers, got {depth.dtype}")
+        else:
+            depth = read_label_png(path, "depth").astype(np.float32) / card.depth_scale
+        if depth.shape != tuple(shape):
+            raise DatasetError(f"{path}: depth is {depth.shape[1]}x{depth.shape[0]}, image is {shape[1]}x{shape[0]}")
+        return depth.astype(np.float32)
+
+    @classmethod
+    def to_bytes(cls, value: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value, np.float32))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+
+    @classmethod
+    def transform(cls, value, rows, cols, box, out_size, flip, permutation) -> torch.Tensor:
+        """(1, H, W) float32: measured values stay as they are (nearest neighbour)."""
+        return torch.from_numpy(pixel_label_transform(value, rows, cols))[None].float()
+
+    @classmethod
+    def paint(cls, panels: list[np.ndarray], value: np.ndarray, colors) -> None:
+        """A panel of its own: depth in a colour map."""
+        from handsoff.visualize import depth_to_rgb
+
+        panels.append(depth_to_rgb(value))
 
     # --- label generator ---------------------------------------------------------------------------------------
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handsoff.data.layout import DatasetError
 from handsoff.errors import DataError
+from handsoff.fileio import atomic_write_json
 from handsoff.metrics.labels import pck
-from handsoff.tasks.base import TaskBase
+from handsoff.tasks.base import TaskBase, name_permutation
 
 KEYPOINT_SIGMA = 1.5  # Gaussian heatmap sigma, in label pixels (label generator and downstream network)
 KEYPOINT_LOSS_WEIGHT = 100.0  # downstream: heatmap MSE is tiny next to cross-entropy; this brings it to scale
@@ -67,6 +72,8 @@ class Keypoints(TaskBase):
     card_field = "keypoint_names"
     card_label = "keypoints"
     fitted = ("visibility_threshold",)  # config keys a fit computes (not inputs to it)
+    dataset_file = "keypoints.json"
+    shard_suffix = "kp.json"
     peak = staticmethod(peak)
 
     def __init__(self, names: list[str], sigma: float = KEYPOINT_SIGMA, visibility_threshold: float = 0.3):
@@ -90,6 +97,99 @@ class Keypoints(TaskBase):
     def config(self) -> dict:
         return {"name": self.name, "names": self.names, "sigma": self.sigma,
                 "visibility_threshold": self.visibility_threshold}
+
+    # --- dataset layout: every sample's keypoints in one COCO file ---------------------------------------------
+
+    @classmethod
+    def write_dataset_file(cls, root: Path, card, labels: list[tuple[str, tuple[int, int], np.ndarray]]) -> None:
+        """``keypoints.json`` of (name, (H, W), keypoints (K, 3)) in sample order: COCO images, annotations (ids
+        from 1, the annotation id is the image id) and the one category with the card's names and skeleton."""
+        index = {n: i + 1 for i, n in enumerate(card.keypoint_names)}
+        images, annotations = [], []
+        for image_id, (name, (h, w), value) in enumerate(labels, start=1):
+            kp = np.asarray(value, np.float64)
+            images.append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
+            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                                "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
+                                "num_keypoints": int((kp[:, 2] > 0).sum())})
+        atomic_write_json(root / cls.dataset_file, {
+            "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "object", "keypoints": card.keypoint_names,
+                            "skeleton": [[index[a], index[b]] for a, b in card.skeleton]}]})
+
+    @classmethod
+    def read_dataset_file(cls, root: Path, card) -> dict[str, np.ndarray]:
+        """{image name: keypoints (K, 3) float32} from ``keypoints.json``, every annotation checked."""
+        path = root / cls.dataset_file
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing, but dataset.json declares keypoints")
+        k = len(card.keypoint_names)
+        try:
+            coco = json.loads(path.read_text())
+            by_id = {im["id"]: Path(im["file_name"]).stem for im in coco["images"]}
+            annotations = [(ann["id"], ann["image_id"], np.asarray(ann["keypoints"], np.float32))
+                           for ann in coco["annotations"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: not a COCO keypoints file ({type(e).__name__}: {e})") from None
+        out = {}
+        for ann_id, image_id, kp in annotations:
+            if kp.size != 3 * k:
+                raise DatasetError(f"{path}: annotation {ann_id} has {kp.size // 3} keypoints, expected {k}")
+            if not np.isfinite(kp).all():
+                raise DatasetError(f"{path}: annotation {ann_id} holds NaN or infinite keypoint values; every "
+                                   "x, y, v must be a finite number (an unlabeled keypoint is 0, 0, 0)")
+            if not np.isin(kp[2::3], (0, 1, 2)).all():
+                raise DatasetError(f"{path}: annotation {ann_id} has visibility flags other than 0, 1, 2")
+            if image_id not in by_id:
+                raise DatasetError(f"{path}: annotation {ann_id} refers to image id {image_id}, which is not listed")
+            out[by_id[image_id]] = kp.reshape(k, 3)
+        return out
+
+    @classmethod
+    def read_label(cls, root: Path, card, name: str, shape: tuple[int, int], image_name: str, index: dict
+                   ) -> np.ndarray:
+        """(K, 3) [x, y, v] in pixels of sample ``name``, from ``index`` (``read_dataset_file``)."""
+        if name not in index:
+            raise DatasetError(f"{root / cls.dataset_file}: no keypoints for image {name}")
+        return index[name].copy()
+
+    @classmethod
+    def to_bytes(cls, value: np.ndarray) -> bytes:
+        return json.dumps({"keypoints": [[round(float(v), 3) for v in row] for row in np.asarray(value)]}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> np.ndarray:
+        return np.asarray(json.loads(data)["keypoints"], np.float32)
+
+    @classmethod
+    def flip_permutation(cls, card) -> np.ndarray:
+        return name_permutation(card.keypoint_names, card.keypoint_flip_pairs)
+
+    @classmethod
+    def transform(cls, value, rows, cols, box, out_size, flip, permutation) -> torch.Tensor:
+        """(K, 3) float32 in output pixels by the crop's affine map; left/right names swapped on flips; visibility 0
+        once outside the output."""
+        (x0, y0, bw, bh), (out_h, out_w) = box, out_size
+        kp = np.asarray(value, np.float32).copy()
+        kp[:, 0] = (kp[:, 0] - x0) * out_w / bw
+        kp[:, 1] = (kp[:, 1] - y0) * out_h / bh
+        if flip:
+            kp[:, 0] = out_w - kp[:, 0]
+            if permutation is not None:
+                kp = kp[permutation]
+        outside = (kp[:, 0] < 0) | (kp[:, 0] >= out_w) | (kp[:, 1] < 0) | (kp[:, 1] >= out_h)
+        kp[outside, 2] = 0
+        return torch.from_numpy(kp)
+
+    @classmethod
+    def mark(cls, draw, value: np.ndarray, origin: tuple[int, int], scale: int) -> None:
+        """Labeled keypoints as dots on the overlay: filled green where visible (v = 2), red rings where occluded."""
+        for x, y, v in value:
+            if v <= 0:
+                continue
+            cx, cy, r = origin[0] + x * scale, origin[1] + y * scale, max(scale, 2)
+            fill = (0, 255, 0) if v == 2 else None
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=(255, 0, 0) if v == 1 else fill)
 
     # --- label generator ---------------------------------------------------------------------------------------
 
@@ -184,3 +284,8 @@ class Keypoints(TaskBase):
         result = {"keypoints": pck(torch.cat(state[0]), torch.cat(state[1]), image_size, names=self.names)}
         result.update({k: v for k, v in result["keypoints"].items() if k.startswith("pck")})
         return result
+
+    @classmethod
+    def breakdown(cls, metrics: dict) -> dict:
+        per_keypoint = metrics.get("keypoints", {}).get("per_keypoint")
+        return {} if per_keypoint is None else {"pck_per_keypoint": per_keypoint}

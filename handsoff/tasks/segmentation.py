@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from handsoff.data.layout import DatasetError, png_bytes, read_label_png
 from handsoff.distributed import total
 from handsoff.errors import DataError
+from handsoff.fileio import atomic_save
 from handsoff.metrics.labels import confusion_matrix, miou
-from handsoff.tasks.base import TaskBase, entropy, top_fraction_mean
+from handsoff.tasks.base import TaskBase, entropy, name_permutation, pixel_label_transform, top_fraction_mean
 
 
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,6 +50,8 @@ class Segmentation(TaskBase):
     card_field = "classes"
     card_label = "masks"
     fitted = ()  # config keys a fit computes (not inputs to it)
+    folder = "masks"
+    shard_suffix = "mask.png"
 
     def __init__(self, classes: list[str], min_class_pixels: int | None = None):
         self.classes = list(classes)
@@ -65,6 +73,70 @@ class Segmentation(TaskBase):
 
     def config(self) -> dict:
         return {"name": self.name, "classes": self.classes, "min_class_pixels": self.min_class_pixels}
+
+    # --- dataset layout ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def label_path(cls, root: Path, card, name: str) -> Path:
+        return root / cls.folder / f"{name}.png"
+
+    @classmethod
+    def check_ids(cls, mask: np.ndarray, where: str) -> np.ndarray:
+        """mask as class ids that fit a mask PNG (integers 0..255); DatasetError naming ``where`` otherwise, never a
+        silent wrap-around."""
+        mask = np.asarray(mask)
+        if mask.dtype.kind not in "iub" or (mask.size and (mask.min() < 0 or mask.max() > 255)):
+            bad = mask.dtype if mask.dtype.kind not in "iub" else f"ids {mask.min()}..{mask.max()}"
+            raise DatasetError(f"{where} holds {bad}; class ids must be integers in 0..255 (merge classes with a "
+                               "mapping)")
+        return mask.astype(np.uint8)
+
+    @classmethod
+    def write_label(cls, root: Path, card, name: str, value: np.ndarray) -> None:
+        mask = cls.check_ids(value, f"{root}: mask of {name!r}")
+        atomic_save(cls.label_path(root, card, name), lambda p: Image.fromarray(mask).save(p, format="PNG"))
+
+    @classmethod
+    def read_label(cls, root: Path, card, name: str, shape: tuple[int, int], image_name: str, index=None
+                   ) -> np.ndarray:
+        """(H, W) int64 class ids, checked against the image's ``shape`` and the card's classes."""
+        path = cls.label_path(root, card, name)
+        if not path.is_file():
+            raise DatasetError(f"{path}: mask missing for image {image_name}")
+        mask = read_label_png(path, "mask")
+        if mask.ndim != 2 or mask.dtype.kind not in "iub":
+            raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
+                               f"shape {mask.shape}")
+        if mask.shape != tuple(shape):
+            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+        if mask.max() >= len(card.classes):
+            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(card.classes))))
+            raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(card.classes)} classes)")
+        return mask.astype(np.int64)
+
+    @classmethod
+    def to_bytes(cls, value: np.ndarray) -> bytes:
+        return png_bytes(cls.check_ids(value, "a shard's mask"))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+
+    @classmethod
+    def flip_permutation(cls, card) -> np.ndarray:
+        return name_permutation(card.classes, card.class_flip_pairs)
+
+    @classmethod
+    def transform(cls, value, rows, cols, box, out_size, flip, permutation) -> torch.Tensor:
+        """(H, W) int64 class ids, left/right classes swapped on flips."""
+        mask = pixel_label_transform(value, rows, cols)
+        return torch.from_numpy(permutation[mask] if permutation is not None else mask).long()
+
+    @classmethod
+    def paint(cls, panels: list[np.ndarray], value: np.ndarray, colors) -> None:
+        """The mask's class colours blended into the overlay panel."""
+        palette = np.array(colors, np.uint8)
+        panels[1][:] = (0.45 * panels[0] + 0.55 * palette[value]).astype(np.uint8)
 
     # --- label generator ---------------------------------------------------------------------------------------
 
@@ -119,3 +191,7 @@ class Segmentation(TaskBase):
         result = {"segmentation": miou(state, self.classes)}
         result["miou"] = result["segmentation"]["miou"]
         return result
+
+    @classmethod
+    def breakdown(cls, metrics: dict) -> dict:
+        return {"iou": metrics["segmentation"]["iou"]} if "segmentation" in metrics else {}
