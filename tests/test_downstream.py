@@ -195,6 +195,20 @@ def test_a_model_pt_of_earlier_versions_still_loads(tmp_path):
     assert config["architecture"] == "unet"
 
 
+def test_a_config_from_before_tasks_saved_themselves_rebuilds_its_tasks():
+    """Early model configs kept classes, keypoint names, sigma and depth normalization as top-level keys."""
+    from handsoff.downstream.train import model_tasks
+
+    config = {"tasks": ["seg", "kp", "depth"], "classes": ["bg", "eye"], "keypoint_names": ["a", "b", "c"],
+              "sigma": 2.0, "depth": {"name": "depth", "log_mean": 0.5, "log_std": 2.0}}
+    seg, kp, depth = model_tasks(config)
+    assert (seg.name, seg.classes) == ("seg", ["bg", "eye"])
+    assert (kp.name, kp.names, kp.sigma) == ("kp", ["a", "b", "c"], 2.0)
+    assert (depth.name, depth.log_mean, depth.log_std) == ("depth", 0.5, 2.0)
+    assert [t.config() for t in model_tasks({"task_configs": [t.config() for t in (seg, kp, depth)]})] == \
+        [t.config() for t in (seg, kp, depth)]
+
+
 def test_the_saved_model_is_the_best_epoch_on_validation(tmp_path, splits, monkeypatch):
     """Epoch 1 scores best on validation, so after 3 epochs model.safetensors holds epoch 1's weights (those of a
     1-epoch run with the same seed and a constant learning rate), not the last epoch's."""

@@ -36,7 +36,7 @@ from handsoff.downstream.model import DenseModel
 from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_save, read_weights_folder, require_same_run, save_weights_folder
 from handsoff.runtime import require_finite, resolve_device
-from handsoff.tasks import KEYPOINT_SIGMA, Task, task_from_config, tasks_from_card
+from handsoff.tasks import KEYPOINT_SIGMA, TASKS, Task, task_from_config, tasks_from_card
 from handsoff.tasks.depth import NORMALIZATION_SAMPLES
 
 MODEL_FORMAT = "handsoff-downstream"  # config.json's "format" of a run folder's model
@@ -73,10 +73,7 @@ def model_tasks(config: dict) -> list[Task]:
     their own configs stored classes, keypoint names, sigma and depth normalization separately."""
     if "task_configs" in config:
         return [task_from_config(c) for c in config["task_configs"]]
-    legacy = {"seg": {"name": "seg", "classes": config.get("classes")},
-              "kp": {"name": "kp", "names": config.get("keypoint_names"), "sigma": config.get("sigma", KEYPOINT_SIGMA)},
-              "depth": config.get("depth")}
-    return [task_from_config(legacy[name]) for name in config.get("tasks", [])]
+    return [TASKS[name].from_legacy_config(config) for name in config.get("tasks", [])]
 
 
 def one_cycle(step: int, total: int, warmup: float = 0.1) -> float:

@@ -108,8 +108,7 @@ def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
             if task.dataset_file:
                 entry[task.sample_key] = np.round(np.asarray(sample[task.sample_key], np.float64), 3).tolist()
         if seg is not None:
-            counts = np.bincount(sample["mask"].reshape(-1), minlength=len(seg.classes))
-            entry["class_pixels"] = counts.tolist()
+            entry["class_pixels"] = seg.class_pixels(sample[seg.sample_key], len(seg.classes)).tolist()
         samples.append(entry)
     record = {"batch": batch, "samples": samples}
     atomic_write_json(_record_path(out, batch), record)

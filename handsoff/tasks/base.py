@@ -123,6 +123,12 @@ class TaskBase:
     shard_suffix: ClassVar[str]                # WebDataset member suffix of the label
 
     @classmethod
+    def from_legacy_config(cls, config: dict) -> Task:
+        """The task of a downstream model saved before tasks saved their own configs (its settings were top-level
+        keys of the model's config)."""
+        raise NotImplementedError(f"task {cls.name} has no configs older than its own")
+
+    @classmethod
     def flip_permutation(cls, card) -> np.ndarray | None:
         """The permutation of this task's label ids under a horizontal flip (left/right names swapped), or None."""
         return None

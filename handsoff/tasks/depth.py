@@ -42,6 +42,10 @@ class Depth(TaskBase):
         cls.require(card)
         return cls()
 
+    @classmethod
+    def from_legacy_config(cls, config: dict) -> Depth:
+        return cls(**{k: v for k, v in config["depth"].items() if k != "name"})
+
     def config(self) -> dict:
         return {"name": self.name, "log_mean": self.log_mean, "log_std": self.log_std}
 

@@ -94,6 +94,10 @@ class Keypoints(TaskBase):
     def names_in(cls, card) -> list[str] | None:
         return getattr(card, cls.card_field)
 
+    @classmethod
+    def from_legacy_config(cls, config: dict) -> Keypoints:
+        return cls(config["keypoint_names"], sigma=config.get("sigma", KEYPOINT_SIGMA))
+
     def config(self) -> dict:
         return {"name": self.name, "names": self.names, "sigma": self.sigma,
                 "visibility_threshold": self.visibility_threshold}

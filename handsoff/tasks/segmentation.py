@@ -71,6 +71,10 @@ class Segmentation(TaskBase):
     def names_in(cls, card) -> list[str] | None:
         return getattr(card, cls.card_field)
 
+    @classmethod
+    def from_legacy_config(cls, config: dict) -> Segmentation:
+        return cls(config["classes"])
+
     def config(self) -> dict:
         return {"name": self.name, "classes": self.classes, "min_class_pixels": self.min_class_pixels}
 
@@ -191,6 +195,11 @@ class Segmentation(TaskBase):
         result = {"segmentation": miou(state, self.classes)}
         result["miou"] = result["segmentation"]["miou"]
         return result
+
+    @staticmethod
+    def class_pixels(mask: np.ndarray, classes: int) -> np.ndarray:
+        """Pixels per class id 0..classes-1 of a mask: (classes,) int64 (class quotas and class statistics)."""
+        return np.bincount(np.asarray(mask).reshape(-1), minlength=classes)[:classes]
 
     @classmethod
     def breakdown(cls, metrics: dict) -> dict:
