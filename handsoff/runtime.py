@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import sys
 
@@ -30,6 +31,24 @@ def tune_allocator() -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+def release_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``), after garbage collection.
+
+    With ``tune_allocator``'s thresholds, memory a stage frees stays in the process; where one process runs several
+    stages (``handsoff run``) the next stage's allocations then land beside it instead of in it, and the peaks add
+    up (measured at 256 px: 9.1 GiB for a run whose largest stage alone peaks at 7.4 GiB). Called between stages.
+    Returns whether memory was returned (False off glibc).
+    """
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
         return False
 
 

@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -210,3 +211,26 @@ def test_auto_precision_follows_the_measurement_and_caches_it(tmp_path, monkeypa
             "num_fp16_res"] == 0
     assert calls == [0.5, 2.0]
     assert json.loads((tmp_path / "cache" / "precision.json").read_text())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim is Linux-only")
+def test_release_memory_returns_freed_heap_pages_to_the_kernel():
+    """With tune_allocator's thresholds freed tensors stay in the heap; release_memory hands them back (what
+    `handsoff run` does between stages, so that the stages' peaks do not add up)."""
+    import os
+
+    from handsoff import runtime
+
+    def rss_mb() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    if not runtime.tune_allocator():
+        pytest.skip("not glibc: no allocator to tune")  # e.g. musl; the pipeline then has nothing to release
+    tensors = [torch.ones(8 * 2**20) for _ in range(8)]  # 8 x 32 MB, in the heap under the raised thresholds
+    anchor = torch.ones(16)                              # allocated after them, so the heap top stays in use
+    before = rss_mb()
+    del tensors
+    assert rss_mb() > before - 64                       # freed, but still held by the process
+    assert runtime.release_memory()
+    assert rss_mb() < before - 200
+    del anchor

@@ -28,7 +28,7 @@ from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.errors import MissingInputError, OutputError, UsageError
 from handsoff.fileio import atomic_write_json, fingerprint, folder_fingerprint, output_lock, require_same_run
 from handsoff.pipeline.config import PipelineConfig
-from handsoff.runtime import resolve_device
+from handsoff.runtime import release_memory, resolve_device
 
 METHODS = ("handsoff", "transfer", "oracle")
 # What a run writes into config.out (see the layout above); other files there are left alone.
@@ -148,6 +148,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         log(f"[{name}]")
         t0 = time.perf_counter()
         work()
+        release_memory()  # what the stage freed goes back to the kernel, so that the stages' peaks do not add up
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] {timings[name]:.0f} s")
 
