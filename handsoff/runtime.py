@@ -15,6 +15,16 @@ _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
+def _glibc():
+    """The C library, where it is glibc on Linux (mallopt, malloc_trim); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_allocator() -> bool:
     """Keep freed memory in glibc's heap instead of returning it to the kernel.
 
@@ -25,12 +35,11 @@ def tune_allocator() -> bool:
     MALLOC_TRIM_THRESHOLD_ set. Called by the CLI and the benchmarks; library users may call it themselves.
     Set HANDSOFF_NO_MALLOPT=1 to skip. Returns whether the settings were applied.
     """
-    if os.environ.get("HANDSOFF_NO_MALLOPT") or not sys.platform.startswith("linux"):
-        return False
+    libc = None if os.environ.get("HANDSOFF_NO_MALLOPT") else _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    except AttributeError:  # not glibc (musl, ...): nothing to tune
         return False
 
 
@@ -43,12 +52,10 @@ def release_memory() -> bool:
     Returns whether memory was returned (False off glibc).
     """
     gc.collect()
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
+        return bool(libc and libc.malloc_trim(0))
+    except AttributeError:  # not glibc
         return False
 
 

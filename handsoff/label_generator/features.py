@@ -125,18 +125,12 @@ def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], 
     return torch.cat([h for _, h in bands], 1)
 
 
-def _source_rows(size: int, r: int, rows: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear (align_corners=False) source rows i0, i1 and weights of i1 for output ``rows`` of an r -> size
-    upsampling, exactly as ``F.interpolate`` computes them."""
-    src = ((torch.arange(rows.start, rows.stop, dtype=torch.float64) + 0.5) * (r / size) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=r - 1)
-    return i0, (i0 + 1).clamp(max=r - 1), (src - i0).float()
-
-
 def _interpolation_matrix(size: int, r: int) -> torch.Tensor:
     """(size, r) matrix of the bilinear (align_corners=False) upsampling r -> size along one axis: row i holds the
-    two weights of output i, exactly as ``F.interpolate`` computes them."""
-    i0, i1, a = _source_rows(size, r, range(size))
+    two weights of output i, exactly as ``F.interpolate`` computes them (source positions clamped at the border)."""
+    src = ((torch.arange(size, dtype=torch.float64) + 0.5) * (r / size) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=r - 1)
+    i1, a = (i0 + 1).clamp(max=r - 1), (src - i0).float()
     matrix = torch.zeros(size, r)
     matrix[torch.arange(size), i0] += 1 - a
     matrix[torch.arange(size), i1] += a
@@ -196,7 +190,7 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
     right = torch.zeros(b * rows_max, blocks, k, width, dtype=dtype, device=device)
     for (h, matrix), (offset, span, firsts) in zip(lower, windows):
         for j, (x0, c) in enumerate(zip(starts, firsts)):
-            left[:, j, :len(range(x0, min(x0 + block, size))), offset:offset + span] = matrix[x0:x0 + block, c:c + span]
+            left[:, j, :min(block, size - x0), offset:offset + span] = matrix[x0:x0 + block, c:c + span]
     if cd:
         right[:, :, :cd] = torch.cat(direct_weights, 0)
     if bias is not None:

@@ -123,6 +123,16 @@ class TaskBase:
     shard_suffix: ClassVar[str]                # WebDataset member suffix of the label
 
     @classmethod
+    def existing_label_path(cls, root, card, name: str, image_name: str):
+        """``label_path`` of sample ``name``; DatasetError naming it where the file is missing."""
+        from handsoff.data.layout import DatasetError
+
+        path = cls.label_path(root, card, name)
+        if not path.is_file():
+            raise DatasetError(f"{path}: {cls.sample_key} missing for image {image_name}")
+        return path
+
+    @classmethod
     def from_legacy_config(cls, config: dict) -> Task:
         """The task of a downstream model saved before tasks saved their own configs (its settings were top-level
         keys of the model's config)."""

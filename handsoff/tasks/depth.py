@@ -85,9 +85,7 @@ class Depth(TaskBase):
     def read_label(cls, root: Path, card, name: str, shape: tuple[int, int], image_name: str, index=None
                    ) -> np.ndarray:
         """(H, W) float32 depth, checked against the image's ``shape``."""
-        path = cls.label_path(root, card, name)
-        if not path.is_file():
-            raise DatasetError(f"{path}: depth missing for image {image_name}")
+        path = cls.existing_label_path(root, card, name, image_name)
         if card.depth_format == "npy":
             try:
                 depth = np.load(path, allow_pickle=False)

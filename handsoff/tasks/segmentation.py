@@ -104,9 +104,7 @@ class Segmentation(TaskBase):
     def read_label(cls, root: Path, card, name: str, shape: tuple[int, int], image_name: str, index=None
                    ) -> np.ndarray:
         """(H, W) int64 class ids, checked against the image's ``shape`` and the card's classes."""
-        path = cls.label_path(root, card, name)
-        if not path.is_file():
-            raise DatasetError(f"{path}: mask missing for image {image_name}")
+        path = cls.existing_label_path(root, card, name, image_name)
         mask = read_label_png(path, "mask")
         if mask.ndim != 2 or mask.dtype.kind not in "iub":
             raise DatasetError(f"{path}: mask must be single-channel integer class ids, got {mask.dtype} of "
