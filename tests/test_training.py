@@ -78,6 +78,23 @@ def test_resume_may_change_precision_and_records_it(tmp_path, heads16):
     assert read_state(tmp_path / "run")["images_seen"] == 16
 
 
+def test_resume_may_lower_the_learning_rate(tmp_path, heads16):
+    """A plateaued run continues at a lower rate: the optimizers keep their moments but step with the new rate
+    (lazily corrected as at the start), and training.json records it."""
+    args = ["train-gan", "--data", str(heads16), "--out", str(tmp_path / "run"), *TINY_RUN]
+    assert main([*args, "--images", "8", "--lr", "0.002"]) == 0
+    before = read_state(tmp_path / "run")
+    assert main([*args, "--images", "16", "--lr", "0.0005"]) == 0
+    after = read_state(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["lr"] == 0.0005
+    assert after["images_seen"] == 16
+    for group in after["opt_D"]["param_groups"]:  # r1 interval 2: rate x 2/3
+        assert group["lr"] == pytest.approx(0.0005 * 2 / 3)
+    for group in after["opt_G"]["param_groups"]:  # path-length interval 4: rate x 4/5
+        assert group["lr"] == pytest.approx(0.0005 * 4 / 5)
+    assert before["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.002 * 4 / 5)
+
+
 def test_training_data_errors_name_the_file(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -56,8 +56,10 @@ LOG_FILE = "log.jsonl"
 # every mode, and the fast mode is machine-specific: bf16 is emulated on CPUs without AVX512-BF16 / AMX (measured
 # on an AVX2-only AMD EPYC: a mixed-precision step about 30x slower than float32), so a run moved to such a
 # machine must be able to continue in float32.
+# The learning rate is here so that a run that has plateaued can continue at a lower rate (the optimizers'
+# saved moments are kept; only their step size changes, see `_set_learning_rates`).
 RESUMABLE_CHANGES = {"data", "out", "total_images", "tick_images", "snapshot_images", "device", "progress",
-                     "batch_per_round", "precision", "num_fp16_res"}
+                     "batch_per_round", "precision", "num_fp16_res", "lr"}
 
 
 class TrainingError(UsageError):
@@ -198,11 +200,23 @@ class TrainingState:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def _lazy_adam(params, config: TrainingConfig, interval: int | None) -> torch.optim.Adam:
+def _lazy_ratio(interval: int | None) -> float:
     # Lazy regularization runs the regularizer every `interval` steps with its loss scaled up by `interval`;
     # the optimizer hyperparameters are corrected for the extra steps as in the StyleGAN2 paper (appendix C).
-    c = interval / (interval + 1) if interval else 1.0
+    return interval / (interval + 1) if interval else 1.0
+
+
+def _lazy_adam(params, config: TrainingConfig, interval: int | None) -> torch.optim.Adam:
+    c = _lazy_ratio(interval)
     return torch.optim.Adam(params, lr=config.lr * c, betas=(config.betas[0] ** c, config.betas[1] ** c), eps=1e-8)
+
+
+def _set_learning_rates(state: TrainingState, config: TrainingConfig) -> None:
+    """After loading optimizer states (which carry the saved rate), apply ``config.lr``, lazily corrected."""
+    for opt, interval in ((state.opt_G, config.pl_interval if config.pl_weight > 0 else None),
+                          (state.opt_D, config.r1_interval)):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lazy_ratio(interval)
 
 
 def build_state(config: TrainingConfig, device: torch.device) -> TrainingState:
@@ -487,6 +501,7 @@ def train_gan(config: TrainingConfig) -> Path:
         # The file records what the run continues with (resumable keys such as precision may have changed).
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         state.load_state_dict(read_state(run))
+        _set_learning_rates(state, config)
         _truncate_log(run / LOG_FILE, state.images_seen)
         print(f"resuming {run} at {state.images_seen} images (step {state.step})")
     else:
