@@ -18,7 +18,7 @@ from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
 from handsoff.generator.trunk import Trunk
 from handsoff.runtime import resolve_device
-from handsoff.tasks import KEYPOINT_SIGMA, TASK_NAMES
+from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES
 
 PIPELINE = """\
 data: render-heads renders the embedded domain; import-data converts labeled data; show draws a contact sheet
@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", required=True, help="checkpoint path or shipped name (e.g. heads-64)")
     p.add_argument("--latents", required=True, help="latents file from `handsoff invert`")
     p.add_argument("--labels", required=True, help="labeled dataset (standard layout) with the same image names")
-    p.add_argument("--tasks", default="seg", help=f"comma-separated: {', '.join(TASK_NAMES)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated: {', '.join(TASK_NAMES)}")
     p.add_argument("--out", required=True, help="label generator folder (resumes if it holds state.pt)")
     p.add_argument("--label-size", type=POSITIVE_INT, default=None, help="label resolution (default: the masks' size)")
     p.add_argument("--members", type=POSITIVE_INT, default=10)
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "task) on labeled datasets")
     p.add_argument("--data", required=True, help="dataset folder(s), comma-separated (standard layout)")
     p.add_argument("--val", required=True, help="validation dataset for checkpoint selection (never the test set)")
-    p.add_argument("--tasks", default="seg", help=f"comma-separated: {', '.join(TASK_NAMES)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated: {', '.join(TASK_NAMES)}")
     p.add_argument("--out", required=True, help="run folder (resumes if it holds state.pt)")
     p.add_argument("--backbone", default="resnet18", help="resnet18 (CPU), resnet50, resnet101, mobilenet_v3_large")
     p.add_argument("--backbone-weights", help="local torchvision ImageNet state dict (never downloaded)")

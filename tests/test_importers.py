@@ -175,10 +175,12 @@ def test_the_writer_refuses_wide_class_ids_and_repeated_names(tmp_path):
     wide = np.zeros((4, 4), np.int64)
     wide[0, 0] = 300
     with pytest.raises(DatasetError, match="ids 0..300; class ids must be integers in 0..255"):
-        writer.add("a", image, wide)
-    writer.add("a", image, np.zeros((4, 4), np.int64))
+        writer.add("a", image, mask=wide)
+    writer.add("a", image, mask=np.zeros((4, 4), np.int64))
     with pytest.raises(DatasetError, match="two samples named 'a'"):
-        writer.add("a", image, np.ones((4, 4), np.int64))
+        writer.add("a", image, mask=np.ones((4, 4), np.int64))
+    with pytest.raises(TypeError, match="unknown label masks"):  # a misspelt label is refused, not dropped
+        writer.add("b", image, masks=np.ones((4, 4), np.int64))
 
 
 def test_car_parts_annotation_files_with_their_background_category(tmp_path):

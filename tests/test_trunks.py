@@ -84,7 +84,8 @@ def test_labeled_images_of_any_shape_and_size(tmp_path):
         kp = s["keypoints"].copy()
         kp[:, 0] -= 4
         kp[(kp[:, 0] < 0) | (kp[:, 0] >= 24), 2] = 0
-        writer.add(name, s["image"][:, 4:28].copy(), s["mask"][:, 4:28].copy(), s["depth"][:, 4:28].copy(), kp)
+        writer.add(name, s["image"][:, 4:28].copy(), mask=s["mask"][:, 4:28].copy(), depth=s["depth"][:, 4:28].copy(),
+                   keypoints=kp)
     labeled = writer.close()
     latents, lg, dataset = tmp_path / "latents.safetensors", tmp_path / "lg", tmp_path / "dataset"
     assert main(["invert", "--generator", str(ckpt), "--images", str(labeled), "--out", str(latents),

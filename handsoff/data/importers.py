@@ -94,7 +94,7 @@ def import_handsoff_faces(src: str | os.PathLike, out: str | os.PathLike, mappin
         if bad.size:
             raise DatasetError(f"{masks[key]}: unknown class ids {bad.tolist()} "
                                f"(expected 0..{len(source.classes) - 1})")
-        writer.add(f"image_{key}", image, lut[mask.astype(np.int64)])  # the writer checks the id range
+        writer.add(f"image_{key}", image, mask=lut[mask.astype(np.int64)])  # the writer checks the id range
     writer.close()
     return {"images": len(images), "classes": target.classes}
 
@@ -135,7 +135,7 @@ def import_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, o
             if ann["category_id"] not in cat_index:
                 raise DatasetError(f"{annotations}: annotation {ann['id']} has unknown category {ann['category_id']}")
             mask[coco.annToMask(ann).astype(bool)] = lut[cat_index[ann["category_id"]]]
-        writer.add(Path(info["file_name"]).stem, image, mask)
+        writer.add(Path(info["file_name"]).stem, image, mask=mask)
     writer.close()
     return {"images": len(coco.getImgIds()), "classes": target.classes}
 
@@ -177,6 +177,6 @@ def import_palette_masks(images_dir: str | os.PathLike, masks_dir: str | os.Path
                                f"not near any palette entry of {palette.name}")
         snapped += int((nearest > 0).sum())
         total += nearest.size
-        writer.add(path.stem, image, ids)
+        writer.add(path.stem, image, mask=ids)
     writer.close()
     return {"images": len(images), "classes": names, "snapped_pixels": snapped, "pixels": total}

@@ -18,6 +18,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclasses_fields
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,10 @@ class DatasetCard:
 
     @property
     def tasks(self) -> list[str]:
-        return [t for t, present in (("segmentation", self.classes), ("keypoints", self.keypoint_names),
-                                     ("depth", self.depth_format)) if present]
+        """The tasks whose labels the dataset holds, by their names in dataset.json."""
+        from handsoff.tasks import card_tasks
+
+        return [t.card_name for t in card_tasks(self)]
 
     def require(self, tasks: list[str], where) -> None:
         """Raise DatasetError naming ``where`` (the dataset) unless it has labels for every task (seg, kp, depth)."""
@@ -66,41 +69,30 @@ class DatasetCard:
                                f"(its dataset.json declares no {', '.join(t.card_label for t in missing)})")
 
     def to_json(self) -> dict:
-        return {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": self.tasks,
-            "classes": None if self.classes is None else [
-                {"id": i, "name": n, "color": list(self.colors[i]) if self.colors else default_color(i)}
-                for i, n in enumerate(self.classes)],
-            "class_flip_pairs": [list(p) for p in self.class_flip_pairs],
-            "keypoints": None if self.keypoint_names is None else {
-                "names": self.keypoint_names, "skeleton": [list(p) for p in self.skeleton],
-                "flip_pairs": [list(p) for p in self.keypoint_flip_pairs]},
-            "depth": None if self.depth_format is None else {
-                "format": self.depth_format, "scale": self.depth_scale, "unit": self.depth_unit},
-            "source": self.source,
-        }
+        """dataset.json: format, version, the tasks present, each task's entries (its ``card_json``), source."""
+        from handsoff.tasks import TASKS
+
+        sections = {k: v for task in TASKS.values() for k, v in task.card_json(self).items()}
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": self.tasks, **sections,
+                "source": self.source}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> DatasetCard:
+        """The card in ``data`` (read from ``path``, which messages name); each task parses its own entries."""
+        from handsoff.tasks import TASKS
+
         if not isinstance(data, dict):
             raise DatasetError(f"{path}: expected a JSON object (the dataset card), got {type(data).__name__}")
         if data.get("format") != FORMAT_NAME:
             raise DatasetError(f"{path}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
-        classes = data.get("classes")
-        if classes is not None and [c["id"] for c in classes] != list(range(len(classes))):
-            raise DatasetError(f"{path}: class ids must be 0..{len(classes) - 1} in order")
-        kp, depth = data.get("keypoints"), data.get("depth")
-        return cls(
-            classes=None if classes is None else [c["name"] for c in classes],
-            colors=None if classes is None else [tuple(c["color"]) for c in classes],
-            keypoint_names=None if kp is None else list(kp["names"]),
-            skeleton=[tuple(p) for p in (kp or {}).get("skeleton", [])],
-            keypoint_flip_pairs=[tuple(p) for p in (kp or {}).get("flip_pairs", [])],
-            class_flip_pairs=[tuple(p) for p in data.get("class_flip_pairs", [])],
-            depth_format=None if depth is None else depth["format"],
-            depth_scale=1.0 if depth is None else float(depth.get("scale", 1.0)),
-            depth_unit="m" if depth is None else depth.get("unit", "m"),
-            source=data.get("source", {}))
+        fields = {k: v for task in TASKS.values() for k, v in task.card_from_json(data, path).items()}
+        return cls(**fields, source=data.get("source", {}))
+
+    def restricted_to(self, tasks) -> DatasetCard:
+        """This card with only the entries of ``tasks`` (task classes or objects); the others' fields at their
+        defaults, the source dropped."""
+        keep = {a for task in tasks for a in task.card_attributes}
+        return DatasetCard(**{f.name: getattr(self, f.name) for f in dataclasses_fields(self) if f.name in keep})
 
 
 def default_color(i: int) -> list[int]:
@@ -165,18 +157,19 @@ class DatasetWriter:
         self.factors = []
         self.names: set[str] = set()
 
-    def add(self, name: str, image: np.ndarray, mask: np.ndarray | None = None, depth: np.ndarray | None = None,
-            keypoints: np.ndarray | None = None, factors: dict | None = None) -> None:
-        """image (H, W, 3) uint8 and its labels under their sample keys: mask (H, W) integer ids in 0..255; depth
-        (H, W) float; keypoints (K, 3) [x, y, v]. A repeated name or a class id that does not fit a mask PNG is an
-        error, never a silent overwrite or wrap-around."""
+    def add(self, name: str, image: np.ndarray, *, factors: dict | None = None, **labels: np.ndarray | None) -> None:
+        """image (H, W, 3) uint8 and its labels under their tasks' sample keys (mask (H, W) integer ids in 0..255;
+        depth (H, W) float; keypoints (K, 3) [x, y, v]; None: no label). A repeated name, an unknown label key or a
+        class id that does not fit a mask PNG is an error, never a silent overwrite, drop or wrap-around."""
+        from handsoff.tasks import TASKS, sample_tasks
+
         if name in self.names:
             raise DatasetError(f"{self.root}: two samples named {name!r} (e.g. images of the same file stem in "
                                "different folders); rename one")
-        from handsoff.tasks import sample_tasks
-
-        labels = {key: value for key, value in (("mask", mask), ("depth", depth), ("keypoints", keypoints))
-                  if value is not None}
+        known = {t.sample_key for t in TASKS.values()}
+        if unknown := sorted(set(labels) - known):
+            raise TypeError(f"DatasetWriter.add: unknown label {', '.join(unknown)}; labels are {', '.join(known)}")
+        labels = {key: value for key, value in labels.items() if value is not None}
         write_sample_files(self.root, self.card, name, {"image": image, **labels})
         self.names.add(name)
         for task in sample_tasks(labels):

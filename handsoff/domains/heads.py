@@ -481,7 +481,7 @@ def write_heads_dataset(out, n: int, seed: int = 0, size: int = 64, start: int =
             indices = range(first, min(first + batch, start + n))
             r = render_heads(seed, indices, size)
             for j, i in enumerate(indices):
-                writer.add(f"{seed:04d}_{i:07d}", r.images[j], r.masks[j], r.depth[j], r.keypoints[j],
-                           factors={"index": i, **r.factors[j]})
+                writer.add(f"{seed:04d}_{i:07d}", r.images[j], mask=r.masks[j], depth=r.depth[j],
+                           keypoints=r.keypoints[j], factors={"index": i, **r.factors[j]})
             bar.update(len(indices))
     return writer.close()

@@ -28,7 +28,7 @@ from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.metrics.labels import presence_pixels
-from handsoff.tasks import Segmentation, card_tasks, sample_tasks
+from handsoff.tasks import card_tasks, sample_tasks
 
 PROGRESS_DIR = ".progress"
 
@@ -81,12 +81,12 @@ def _record_path(out: Path, batch: int) -> Path:
     return out / PROGRESS_DIR / f"batch-{batch:07d}.json"
 
 
-def file_card(model) -> DatasetCard:
-    """The card fields that decide which files a sample of this label generator has and their formats."""
-    fields = {}
-    for task in model.tasks:
-        fields.update(task.card_fields())
-    return DatasetCard(**fields)
+def file_card(model, labels: DatasetCard | None = None) -> DatasetCard:
+    """The card of this label generator's samples: its tasks' entries of ``labels`` (the card of the labeled data it
+    was fitted on: colours, skeleton, flip pairs, units), with what decides the files and their formats (class and
+    keypoint names, depth format) from the model's tasks."""
+    card = (labels or DatasetCard()).restricted_to(model.tasks)
+    return dataclasses.replace(card, **{k: v for task in model.tasks for k, v in task.card_fields().items()})
 
 
 def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
@@ -178,9 +178,10 @@ def dataset_complete(out: str | os.PathLike) -> bool:
     return (Path(out) / "dataset.json").is_file()
 
 
-def segmentation_task(model) -> Segmentation | None:
-    """The label generator's segmentation task: class quotas and class statistics are about its classes."""
-    return next((t for t in model.tasks if isinstance(t, Segmentation)), None)
+def segmentation_task(model):
+    """The label generator's task with a class per pixel (segmentation): class quotas and class statistics are
+    about its classes."""
+    return next((t for t in model.tasks if t.pixel_classes), None)
 
 
 def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,
@@ -328,12 +329,9 @@ def _card(model, config: GenerationConfig, kept: list[dict], manifest: list[dict
         stats["class_image_share"] = dict(zip(classes, (pixels >= present).mean(0).round(6).tolist()))
     lg_source = {"generation": dataclasses.asdict(config), "label_generator": source.get("label_generator"),
                  "generator": model.generator_ref, "producer": source.get("producer"), "statistics": stats}
-    card = file_card(model)
-    return dataclasses.replace(card, colors=source.get("colors") if card.classes else None,
-                               skeleton=source.get("skeleton", []),
-                               keypoint_flip_pairs=source.get("keypoint_flip_pairs", []),
-                               depth_unit=source.get("depth_unit", "as the training labels"),
-                               source={"generated_by": "handsoff generate", **lg_source})
+    labels = source.get("labels_card")
+    labels = None if labels is None else DatasetCard.from_json(labels, source.get("label_generator"))
+    return dataclasses.replace(file_card(model, labels), source={"generated_by": "handsoff generate", **lg_source})
 
 
 def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
@@ -361,12 +359,8 @@ def _pack_shards(out: Path, model, kept: list[dict], shard_size: int) -> None:
 
 
 def label_generator_source(path: str | os.PathLike) -> dict:
-    """What a generated dataset records of its label generator folder: its path and the labeled data's colours,
-    skeleton, flip pairs and depth unit (so the dataset card is complete)."""
+    """What a generated dataset takes from its label generator folder: its path and the card of the labeled data
+    it was fitted on (colours, skeleton, flip pairs, depth unit: so the generated dataset's card is complete)."""
     path = Path(path)
-    card = json.loads((path / "config.json").read_text()).get("metadata", {}).get("labels_card") or {}
-    keypoints = card.get("keypoints") or {}
     return {"label_generator": str(path),
-            "colors": [c["color"] for c in card["classes"]] if card.get("classes") else None,
-            "skeleton": keypoints.get("skeleton", []), "keypoint_flip_pairs": keypoints.get("flip_pairs", []),
-            "depth_unit": (card.get("depth") or {}).get("unit", "as the training labels")}
+            "labels_card": json.loads((path / "config.json").read_text()).get("metadata", {}).get("labels_card")}

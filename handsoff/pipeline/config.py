@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
-from handsoff.tasks import KEYPOINT_SIGMA, TASK_NAMES, Segmentation
+from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES, TASKS
 
 TaskName = Literal[TASK_NAMES]  # the registered tasks (handsoff.tasks.TASKS)
 
@@ -117,7 +117,7 @@ class PipelineConfig(Section):
     validation: Path | None = None
     test: Path | None = None
     oracle: Path | None = None
-    tasks: list[TaskName] = Field(default_factory=lambda: ["seg"], min_length=1)
+    tasks: list[TaskName] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1)
     seed: int = Field(0, ge=0)
     device: str = "auto"
     transfer: bool = True
@@ -143,8 +143,8 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _quota_needs_seg(self) -> PipelineConfig:
-        if self.generation.min_class_fraction and Segmentation.name not in self.tasks:
-            raise ValueError("generation.min_class_fraction needs the seg task")
+        if self.generation.min_class_fraction and not any(TASKS[t].pixel_classes for t in self.tasks):
+            raise ValueError("generation.min_class_fraction needs a task with classes per pixel (seg)")
         return self
 
     @model_validator(mode="after")

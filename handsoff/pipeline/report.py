@@ -164,11 +164,12 @@ def line_plot(series: dict[str, list[tuple[float, float]]], lines: dict[str, flo
 def _class_shares(folder, limit: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(pixel share, image share) per class over the first ``limit`` masks of a labeled folder."""
     from handsoff.metrics.labels import presence_pixels
-    from handsoff.tasks import Segmentation
+    from handsoff.tasks import card_tasks
 
+    task = next(t for t in card_tasks(folder.card) if t.pixel_classes)
     k = len(folder.card.classes)
-    masks = [folder.load(n)[Segmentation.sample_key] for n in folder.names[:limit]]
-    counts = np.array([Segmentation.class_pixels(m, k) for m in masks], np.float64)
+    masks = [folder.load(n)[task.sample_key] for n in folder.names[:limit]]
+    counts = np.array([task.class_pixels(m, k) for m in masks], np.float64)
     present = np.array([presence_pixels(m.size) for m in masks])[:, None]
     return counts.sum(0) / max(counts.sum(), 1), (counts >= present).mean(0)
 

@@ -12,6 +12,7 @@ from handsoff.tasks.segmentation import Segmentation, soft_dice_loss
 TASKS: dict[str, type] = {cls.name: cls for cls in (Segmentation, Keypoints, Depth)}
 ALIASES = {alias: cls.name for cls in TASKS.values() for alias in (cls.name, *cls.aliases)}
 TASK_NAMES = tuple(TASKS)
+DEFAULT_TASKS = (Segmentation.name,)  # what --tasks and a run config mean when they name none
 
 
 def task_from_config(config: dict) -> Task:
@@ -49,6 +50,6 @@ def parse_task_names(text: str) -> list[str]:
     return names
 
 
-__all__ = ["ALIASES", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES", "Task",
-           "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "sample_tasks",
+__all__ = ["ALIASES", "DEFAULT_TASKS", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES",
+           "Task", "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "sample_tasks",
            "soft_dice_loss", "task_from_config", "tasks_from_card", "top_fraction_mean"]

@@ -16,6 +16,9 @@ Label generator (each task owns ``out_channels`` of the ensemble's output; M mem
     resize_label(value, shape, size)      a sample's label of an (H, W) image at size x size (labeled images of
                                           any shape are fitted at the square label size)
     card_fields() -> dict                 what the card of a dataset of its labels declares (DatasetCard fields)
+Dataset card (class methods): the task owns ``card_attributes`` of ``DatasetCard`` and their entries in dataset.json:
+    card_json(card) -> dict               its top-level entries of dataset.json (None where the card lacks them)
+    card_from_json(data, path) -> dict    its DatasetCard fields from dataset.json's ``data`` (errors name ``path``)
 Downstream network (a head with ``out_channels`` channels at the input resolution):
     downstream_loss(output (B, C, H, W), batch) -> scalar; a term that is not a mean of per-sample terms (Dice,
                                           a mean over valid pixels) sums its parts with ``distributed.total``,
@@ -88,6 +91,8 @@ class Task(Protocol):
     sample_key: ClassVar[str]      # key of the label in a sample dict / batch
     card_field: ClassVar[str]      # DatasetCard attribute that is None when a dataset lacks this label
     card_label: ClassVar[str]      # what the dataset would need, for messages ("masks")
+    card_name: ClassVar[str]       # the task's name in dataset.json's "tasks" list ("segmentation")
+    card_attributes: ClassVar[tuple[str, ...]]  # the DatasetCard fields this task owns
     fitted: ClassVar[tuple[str, ...]]  # config keys set by fitting, not chosen by the user
     out_channels: int
 
@@ -95,6 +100,10 @@ class Task(Protocol):
     def from_card(cls, card, **settings) -> Task: ...
     @classmethod
     def names_in(cls, card) -> list[str] | None: ...
+    @classmethod
+    def card_json(cls, card) -> dict: ...
+    @classmethod
+    def card_from_json(cls, data: dict, path) -> dict: ...
     @property
     def label_names(self) -> list[str] | None: ...
     def config(self) -> dict: ...
@@ -121,6 +130,8 @@ class TaskBase:
     folder: ClassVar[str | None] = None        # per-sample label files live in DATASET/folder/
     dataset_file: ClassVar[str | None] = None  # or all samples' labels in this one file of DATASET/
     shard_suffix: ClassVar[str]                # WebDataset member suffix of the label
+    # Labels are a class id per pixel (``classes``, ``class_pixels``): generation's class quotas and statistics.
+    pixel_classes: ClassVar[bool] = False
 
     @classmethod
     def existing_label_path(cls, root, card, name: str, image_name: str):

@@ -29,6 +29,8 @@ class Depth(TaskBase):
     sample_key = "depth"
     card_field = "depth_format"
     card_label = "depth maps"
+    card_name = "depth"
+    card_attributes = ("depth_format", "depth_scale", "depth_unit")
     fitted = ("log_mean", "log_std")  # config keys a fit computes (not inputs to it)
     folder = "depth"
     shard_suffix = "depth.npy"
@@ -66,6 +68,18 @@ class Depth(TaskBase):
         return torch.exp(t * self.log_std + self.log_mean)
 
     # --- dataset layout ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def card_json(cls, card) -> dict:
+        return {"depth": None if card.depth_format is None else {
+            "format": card.depth_format, "scale": card.depth_scale, "unit": card.depth_unit}}
+
+    @classmethod
+    def card_from_json(cls, data: dict, path) -> dict:
+        depth = data.get("depth")
+        return {"depth_format": None if depth is None else depth["format"],
+                "depth_scale": 1.0 if depth is None else float(depth.get("scale", 1.0)),
+                "depth_unit": "m" if depth is None else depth.get("unit", "m")}
 
     @classmethod
     def label_path(cls, root: Path, card, name: str) -> Path:

@@ -71,6 +71,8 @@ class Keypoints(TaskBase):
     sample_key = "keypoints"
     card_field = "keypoint_names"
     card_label = "keypoints"
+    card_name = "keypoints"
+    card_attributes = ("keypoint_names", "skeleton", "keypoint_flip_pairs")
     fitted = ("visibility_threshold",)  # config keys a fit computes (not inputs to it)
     dataset_file = "keypoints.json"
     shard_suffix = "kp.json"
@@ -164,6 +166,19 @@ class Keypoints(TaskBase):
     @classmethod
     def from_bytes(cls, data: bytes) -> np.ndarray:
         return np.asarray(json.loads(data)["keypoints"], np.float32)
+
+    @classmethod
+    def card_json(cls, card) -> dict:
+        return {"keypoints": None if card.keypoint_names is None else {
+            "names": card.keypoint_names, "skeleton": [list(p) for p in card.skeleton],
+            "flip_pairs": [list(p) for p in card.keypoint_flip_pairs]}}
+
+    @classmethod
+    def card_from_json(cls, data: dict, path) -> dict:
+        kp = data.get("keypoints")
+        return {"keypoint_names": None if kp is None else list(kp["names"]),
+                "skeleton": [tuple(p) for p in (kp or {}).get("skeleton", [])],
+                "keypoint_flip_pairs": [tuple(p) for p in (kp or {}).get("flip_pairs", [])]}
 
     @classmethod
     def flip_permutation(cls, card) -> np.ndarray:

@@ -49,6 +49,9 @@ class Segmentation(TaskBase):
     sample_key = "mask"
     card_field = "classes"
     card_label = "masks"
+    card_name = "segmentation"
+    pixel_classes = True
+    card_attributes = ("classes", "colors", "class_flip_pairs")
     fitted = ()  # config keys a fit computes (not inputs to it)
     folder = "masks"
     shard_suffix = "mask.png"
@@ -123,6 +126,26 @@ class Segmentation(TaskBase):
     @classmethod
     def from_bytes(cls, data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+
+    @classmethod
+    def card_json(cls, card) -> dict:
+        from handsoff.data.layout import default_color
+
+        return {"classes": None if card.classes is None else [
+                    {"id": i, "name": n, "color": list(card.colors[i]) if card.colors else default_color(i)}
+                    for i, n in enumerate(card.classes)],
+                "class_flip_pairs": [list(p) for p in card.class_flip_pairs]}
+
+    @classmethod
+    def card_from_json(cls, data: dict, path) -> dict:
+        from handsoff.data.layout import DatasetError
+
+        classes = data.get("classes")
+        if classes is not None and [c["id"] for c in classes] != list(range(len(classes))):
+            raise DatasetError(f"{path}: class ids must be 0..{len(classes) - 1} in order")
+        return {"classes": None if classes is None else [c["name"] for c in classes],
+                "colors": None if classes is None else [tuple(c["color"]) for c in classes],
+                "class_flip_pairs": [tuple(p) for p in data.get("class_flip_pairs", [])]}
 
     @classmethod
     def flip_permutation(cls, card) -> np.ndarray:
