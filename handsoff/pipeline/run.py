@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +35,19 @@ from handsoff.runtime import release_memory, resolve_device
 METHODS = ("handsoff", "transfer", "oracle")
 # What a run writes into config.out (see the layout above); other files there are left alone.
 RUN_OUTPUTS = ("inversion", "label_generator", "dataset", "downstream", "curve", "results.json", "report.html")
+
+
+@dataclass
+class Stage:
+    """One step of a run. ``run()`` writes ``output`` (a file or folder under the run's folder) from the outputs of
+    the stages before it; ``complete()`` says whether ``output`` is finished (then the stage is skipped on a rerun).
+    Each stage's ``complete`` is its module's own test (``inversion_complete``, ``label_generator_complete``,
+    ``dataset_complete``, ...), the same one its command uses to resume."""
+
+    name: str
+    output: Path
+    complete: Callable[[], bool]
+    run: Callable[[], None]
 
 
 def comparison(methods: dict[str, dict]) -> dict[str, dict]:
@@ -141,20 +156,12 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     timings: dict[str, float] = results.get("timings", {})
 
-    def stage(name: str, done: bool, work) -> None:
-        if done:
-            log(f"[{name}] done earlier, skipped")
-            return
-        log(f"[{name}]")
-        t0 = time.perf_counter()
-        work()
-        release_memory()  # what the stage freed goes back to the kernel, so that the stages' peaks do not add up
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{name}] {timings[name]:.0f} s")
-
     G = nets.generator
     latents = out / "inversion" / "latents.safetensors"
-    inv = config.inversion
+    lg_dir = out / "label_generator"
+    dataset = out / "dataset"
+    inv, lg, gen, ds = config.inversion, config.label_generator, config.generation, config.downstream
+    methods = results.get("methods", {})
 
     def invert():
         perceptual = None if inv.perceptual == "none" else build_perceptual(inv.perceptual, nets.discriminator,
@@ -163,13 +170,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         invert_folder(G, config.labeled, latents, perceptual, encoder, progress=progress,
                       settings={"generator": config.generator, "encoder": str(inv.encoder) if inv.encoder else None},
                       steps=inv.steps, lr=inv.lr, lambda_perceptual=inv.lambda_perceptual, lambda_mse=inv.lambda_mse,
-                      lambda_reg=inv.lambda_reg, batch=inv.batch,
-                      memory_gb=inv.memory_gb)
-
-    stage("inversion", inversion_complete(latents), invert)
-
-    lg_dir = out / "label_generator"
-    lg = config.label_generator
+                      lambda_reg=inv.lambda_reg, batch=inv.batch, memory_gb=inv.memory_gb)
 
     def fit():
         torch.manual_seed(config.seed)
@@ -178,11 +179,6 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                         seed=config.seed, generator_ref=config.generator, progress=progress,
                         max_steps=lg.max_steps, min_steps=lg.min_steps, patience=lg.patience,
                         images_per_step=lg.images_per_step, pixels_per_image=lg.pixels, lr=lg.lr)
-
-    stage("label generator", label_generator_complete(lg_dir), fit)
-
-    dataset = out / "dataset"
-    gen = config.generation
 
     def generate():
         model = load_label_generator(lg_dir, generator=G, device=device)
@@ -193,22 +189,14 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                                                           min_class_fraction=gen.min_class_fraction),
                          progress=progress, source=label_generator_source(lg_dir))
 
-    stage("generation", dataset_complete(dataset), generate)
-
-    ds = config.downstream
-    val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
-    runs = {"handsoff": ([dataset], val)}
-    for n in config.curve:
-        runs[f"handsoff-{n}"] = ([_subset(dataset, out / "curve" / f"dataset-{n}", n)], val)
-    if config.transfer:
-        runs["transfer"] = ([config.labeled], config.validation)
-    if config.oracle is not None:
-        runs["oracle"] = ([config.oracle], config.validation or config.labeled)
-    methods = results.get("methods", {})
-    for method, (train_dirs, val_dir) in runs.items():
+    def downstream(method: str, train_dirs: list[Path], val_dir: Path, prepare=None) -> Stage:
+        """The downstream network of ``method``, trained on ``train_dirs`` (made by ``prepare()`` first, if given)
+        and evaluated on the test set."""
         run_dir = out / "downstream" / method
 
-        def train(train_dirs=train_dirs, val_dir=val_dir, run_dir=run_dir, method=method):
+        def train():
+            if prepare is not None:
+                prepare()
             train_downstream(train_dirs, val_dir, run_dir, tasks=list(config.tasks), backbone=ds.backbone,
                              backbone_weights=ds.backbone_weights, epochs=ds.epochs, batch_size=ds.batch, lr=ds.lr,
                              patience=ds.patience, size=ds.size, seed=config.seed,
@@ -217,7 +205,34 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
             if config.test is not None:
                 methods[method] = _headline(evaluate_run(run_dir, config.test, device=str(device)))
 
-        stage(f"downstream: {method}", method in methods or (config.test is None and has_model(run_dir)), train)
+        # With a test set, the stage is complete once its method is evaluated (results.json holds it).
+        return Stage(f"downstream: {method}", run_dir, run=train,
+                     complete=lambda: method in methods or (config.test is None and has_model(run_dir)))
+
+    val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
+    stages = [Stage("inversion", latents, complete=lambda: inversion_complete(latents), run=invert),
+              Stage("label generator", lg_dir, complete=lambda: label_generator_complete(lg_dir), run=fit),
+              Stage("generation", dataset, complete=lambda: dataset_complete(dataset), run=generate),
+              downstream("handsoff", [dataset], val)]
+    for n in config.curve:  # the network on the first n generated images
+        subset = out / "curve" / f"dataset-{n}"
+        stages.append(downstream(f"handsoff-{n}", [subset], val, prepare=lambda n=n, subset=subset: _subset(
+            dataset, subset, n)))
+    if config.transfer:
+        stages.append(downstream("transfer", [config.labeled], config.validation))
+    if config.oracle is not None:
+        stages.append(downstream("oracle", [config.oracle], config.validation or config.labeled))
+
+    for stage in stages:
+        if stage.complete():
+            log(f"[{stage.name}] done earlier, skipped")
+            continue
+        log(f"[{stage.name}]")
+        t0 = time.perf_counter()
+        stage.run()
+        release_memory()  # what the stage freed goes back to the kernel, so that the stages' peaks do not add up
+        timings[stage.name] = round(time.perf_counter() - t0, 1)
+        log(f"[{stage.name}] {timings[stage.name]:.0f} s")
         atomic_write_json(results_path, {**results, "methods": methods, "timings": timings})
 
     results = {
