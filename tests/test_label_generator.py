@@ -101,6 +101,18 @@ def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_p
     torch.testing.assert_close(a["seg"][0]["label"], b["seg"][0]["label"])
     torch.testing.assert_close(a["depth"][1]["label"], b["depth"][1]["label"])
     assert a["kp"][0]["label"].shape == (1, 3) and a["seg"][0]["uncertainty"].shape == (32, 32)
+    # Run through the generator one image at a time (what bounds predict's memory at 256 px and up): the same.
+    import handsoff.label_generator.model as model_module
+
+    one_at_a_time = pytest.MonkeyPatch.context()
+    with one_at_a_time as mp:
+        mp.setattr(model_module, "PREDICT_FEATURE_BYTES", 1)
+        c = model.predict(ws[:3])
+    whole = model.predict(ws[:3])
+    torch.testing.assert_close(c["images"], whole["images"], rtol=1e-5, atol=1e-5)
+    for task in ("seg", "kp", "depth"):
+        for i in range(3):
+            torch.testing.assert_close(c[task][i]["label"], whole[task][i]["label"], rtol=1e-4, atol=1e-4)
     settings = dict(images_per_step=3, pixels_per_image=512, lr=3e-3, progress=False)
     summary = fit_label_generator(model, ws, samples, tmp_path / "fit", max_steps=250, **settings)
     assert summary["steps"] == 250

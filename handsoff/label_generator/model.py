@@ -24,6 +24,15 @@ from handsoff.tasks import task_from_config
 # Label pixels per band of ``LabelGenerator.dense_outputs`` (at most 16 rows): 8 rows at 512 px, 16 at 64 px. On a
 # 2-core AVX2 EPYC, 1 row at 512 px was 15% slower, 32 or 64 rows at 64 px 20-35% slower.
 BAND_PIXELS = 4096
+# Generator features ``predict`` holds at a time: images are run through the generator in chunks of this many
+# bytes of features (float32), e.g. 2 images at 256 px (config-f: 0.12 GiB each), the whole batch at 64 px. A batch
+# of 16 at once held 1.9 GiB at 256 px and set the peak of fitting (keypoint calibration) and generation.
+PREDICT_FEATURE_BYTES = 256 * 2**20
+
+
+def feature_bytes_per_image(G: Trunk) -> int:
+    """Bytes of one image's generator feature maps in float32 (what a label generator reads per image)."""
+    return 4 * sum(c * r * r for c, r in zip(G.synthesis.feature_channels, G.synthesis.feature_resolutions))
 
 
 class MLPEnsemble(nn.Module):
@@ -156,15 +165,21 @@ class LabelGenerator(nn.Module):
     def predict(self, ws: torch.Tensor) -> dict:
         """For W+ latents (B, n_latent, w_dim): {"images": (B, 3, R, R) in [-1, 1], "label_size": L, "tasks": the
         task objects, task name: [per-image dict from the task's ``decode``: label, uncertainty (L, L), score, ...]}."""
-        images, feats = self.features(ws.to(self.ensemble.weight1.device))
-        result = {"images": images.clamp(-1, 1), "label_size": self.label_size, "tasks": self.tasks,
+        ws = ws.to(self.ensemble.weight1.device)
+        chunk = max(1, PREDICT_FEATURE_BYTES // feature_bytes_per_image(self.G))
+        result = {"images": [], "label_size": self.label_size, "tasks": self.tasks,
                   **{task.name: [] for task in self.tasks}}
-        for i in range(len(ws)):
-            # One image's outputs at a time: (M, O, L, L) is 0.65 GB for 10 members and 25 channels at 256 px, so a
-            # whole batch of them (and their decoding) would set the peak memory of generation and fitting.
-            outputs = self.dense_outputs([f[i:i + 1] for f in feats])[0]
-            for task in self.tasks:
-                result[task.name].append(task.decode(outputs[:, self.slices[task.name]]))
+        for first in range(0, len(ws), chunk):
+            images, feats = self.features(ws[first:first + chunk])
+            result["images"].append(images.clamp(-1, 1))
+            for i in range(len(images)):
+                # One image's outputs at a time: (M, O, L, L) is 0.65 GB for 10 members and 25 channels at 256 px,
+                # so a whole batch of them (and their decoding) would set the peak memory of generation and fitting.
+                outputs = self.dense_outputs([f[i:i + 1] for f in feats])[0]
+                for task in self.tasks:
+                    result[task.name].append(task.decode(outputs[:, self.slices[task.name]]))
+            del images, feats
+        result["images"] = torch.cat(result["images"])
         return result
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from handsoff.fileio import atomic_save, check_model_folder, fingerprint, require_same_run
 from handsoff.generator.trunk import Trunk
-from handsoff.label_generator.model import LabelGenerator
+from handsoff.label_generator.model import LabelGenerator, feature_bytes_per_image
 from handsoff.runtime import require_finite
 from handsoff.tasks import KEYPOINT_SIGMA, TASKS, tasks_from_card
 
@@ -39,9 +39,7 @@ class PixelData:
         for task in model.tasks:
             task.fit(iter(samples))
         self.targets = [{t.name: t.prepare(s, size) for t in model.tasks} for s in samples]
-        G = model.G
-        per_image = sum(c * r * r for c, r in zip(G.synthesis.feature_channels, G.synthesis.feature_resolutions))
-        self.cache = len(samples) * per_image * 4 / 2**30 <= cache_gb
+        self.cache = len(samples) * feature_bytes_per_image(model.G) / 2**30 <= cache_gb
         self._features: list[list[torch.Tensor]] | None = None
         if self.cache:
             self._features = [[f.float() for f in model.features(ws[i:i + 1])[1]] for i in range(len(ws))]
