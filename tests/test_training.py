@@ -78,13 +78,15 @@ def test_resume_may_change_precision_and_records_it(tmp_path, heads16):
     assert read_state(tmp_path / "run")["images_seen"] == 16
 
 
-def test_resume_may_lower_the_learning_rate(tmp_path, heads16):
+def test_resume_may_lower_the_learning_rate(tmp_path, heads16, capsys):
     """A plateaued run continues at a lower rate: the optimizers keep their moments but step with the new rate
     (lazily corrected as at the start), and training.json records it."""
     args = ["train-gan", "--data", str(heads16), "--out", str(tmp_path / "run"), *TINY_RUN]
     assert main([*args, "--images", "8", "--lr", "0.002"]) == 0
     before = read_state(tmp_path / "run")
+    capsys.readouterr()
     assert main([*args, "--images", "16", "--lr", "0.0005"]) == 0
+    assert "resuming with lr 0.0005 (the run so far used 0.002)" in capsys.readouterr().out
     after = read_state(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "training.json").read_text())["lr"] == 0.0005
     assert after["images_seen"] == 16

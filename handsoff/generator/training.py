@@ -385,14 +385,18 @@ def _config_json(config: TrainingConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _check_resume(run: Path, config: TrainingConfig) -> None:
+def _check_resume(run: Path, config: TrainingConfig) -> dict[str, tuple]:
+    """Refuse to resume with another model or loss; returns the resumable settings that change, {key: (saved,
+    now)}, so that the run can say what it continues with (e.g. a learning rate left at its default)."""
     saved = json.loads((run / CONFIG_FILE).read_text())
     mine = _config_json(config)
-    changed = {k for k in set(saved) | set(mine) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)}
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(changed))
+    changed = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
         raise TrainingError(f"{run / CONFIG_FILE}: cannot resume with a different training config ({details}); "
                             "use another --out, or the saved settings")
+    return changed
 
 
 def _truncate_log(path: Path, images_seen: int) -> None:
@@ -497,7 +501,9 @@ def train_gan(config: TrainingConfig) -> Path:
         why = "CUDA" if device.type == "cuda" else f"bf16 measured {bf16_speedup():.2f}x float32 on this CPU"
         print(f"precision auto: {'mixed' if mixed else 'fp32'} ({why})")
     if has_state(run):
-        _check_resume(run, config)
+        for key, (before, now) in sorted(_check_resume(run, config).items()):
+            if key in ("lr", "precision", "num_fp16_res", "batch_per_round", "device"):  # what changes the arithmetic
+                print(f"resuming with {key} {now!r} (the run so far used {before!r})")
         # The file records what the run continues with (resumable keys such as precision may have changed).
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         state.load_state_dict(read_state(run))
