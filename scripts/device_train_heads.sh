@@ -48,10 +48,11 @@ if [ ! -d "$run" ]; then
   cp -r training/heads-64/. "$run"/
   rm -f "$run/README.md"
 fi
+lr=$($py -c "import json, sys; print(json.load(open(sys.argv[1]))['lr'])" "$run/training.json")  # the run's rate
 left=$(( budget - (SECONDS - start) - 40 ))  # leave time to copy the state back
 echo "training for $left s"
 timeout --signal=INT "$left" $py -m handsoff train-gan --data "$data" --out "$run" --size 64 --images 5000000 \
-  --snapshot "${SNAPSHOT:-50000}" --tick 10000 --seed 0 --precision "${PRECISION:-fp32}" \
+  --snapshot "${SNAPSHOT:-50000}" --tick 10000 --seed 0 --precision "${PRECISION:-fp32}" --lr "$lr" \
   --device "${DEVICE:-cuda}" 2>&1 | tr '\r' '\n' | grep -v '^train-gan: ' | tail -n 25 || true
 
 mkdir -p "$out/state"
