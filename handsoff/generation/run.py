@@ -28,7 +28,7 @@ from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.metrics.labels import presence_pixels
-from handsoff.tasks import card_tasks, sample_tasks
+from handsoff.tasks import card_tasks, pixel_class_task, sample_tasks
 
 PROGRESS_DIR = ".progress"
 
@@ -181,7 +181,7 @@ def dataset_complete(out: str | os.PathLike) -> bool:
 def segmentation_task(model):
     """The label generator's task with a class per pixel (segmentation): class quotas and class statistics are
     about its classes."""
-    return next((t for t in model.tasks if t.pixel_classes), None)
+    return pixel_class_task(model.tasks)
 
 
 def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *, progress: bool = True,

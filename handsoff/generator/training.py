@@ -60,6 +60,8 @@ LOG_FILE = "log.jsonl"
 # saved moments are kept; only their step size changes, see `_set_learning_rates`).
 RESUMABLE_CHANGES = {"data", "out", "total_images", "tick_images", "snapshot_images", "device", "progress",
                      "batch_per_round", "precision", "num_fp16_res", "lr"}
+# Of those, what changes the arithmetic of the steps to come: a resumed run says when one differs.
+ARITHMETIC_CHANGES = ("lr", "precision", "num_fp16_res", "batch_per_round", "device")
 
 
 class TrainingError(UsageError):
@@ -211,10 +213,14 @@ def _lazy_adam(params, config: TrainingConfig, interval: int | None) -> torch.op
     return torch.optim.Adam(params, lr=config.lr * c, betas=(config.betas[0] ** c, config.betas[1] ** c), eps=1e-8)
 
 
+def _lazy_intervals(config: TrainingConfig) -> tuple[int | None, int]:
+    """How often G's (path length, if on) and D's (R1) lazy regularizers run."""
+    return (config.pl_interval if config.pl_weight > 0 else None), config.r1_interval
+
+
 def _set_learning_rates(state: TrainingState, config: TrainingConfig) -> None:
     """After loading optimizer states (which carry the saved rate), apply ``config.lr``, lazily corrected."""
-    for opt, interval in ((state.opt_G, config.pl_interval if config.pl_weight > 0 else None),
-                          (state.opt_D, config.r1_interval)):
+    for opt, interval in zip((state.opt_G, state.opt_D), _lazy_intervals(config)):
         for group in opt.param_groups:
             group["lr"] = config.lr * _lazy_ratio(interval)
 
@@ -226,8 +232,9 @@ def build_state(config: TrainingConfig, device: torch.device) -> TrainingState:
     G = Generator(**g_kwargs).to(device).train()
     D = Discriminator(**d_kwargs).to(device).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_G = _lazy_adam(G.parameters(), config, config.pl_interval if config.pl_weight > 0 else None)
-    opt_D = _lazy_adam(D.parameters(), config, config.r1_interval)
+    g_interval, d_interval = _lazy_intervals(config)
+    opt_G = _lazy_adam(G.parameters(), config, g_interval)
+    opt_D = _lazy_adam(D.parameters(), config, d_interval)
     target = config.ada_target if config.augment == "ada" else None
     p = config.augment_p if config.augment != "none" else 0.0
     ada = AdaptiveAugmentation(p=p, target=target, speed_images=config.ada_speed_images)
@@ -502,7 +509,7 @@ def train_gan(config: TrainingConfig) -> Path:
         print(f"precision auto: {'mixed' if mixed else 'fp32'} ({why})")
     if has_state(run):
         for key, (before, now) in sorted(_check_resume(run, config).items()):
-            if key in ("lr", "precision", "num_fp16_res", "batch_per_round", "device"):  # what changes the arithmetic
+            if key in ARITHMETIC_CHANGES:
                 print(f"resuming with {key} {now!r} (the run so far used {before!r})")
         # The file records what the run continues with (resumable keys such as precision may have changed).
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))

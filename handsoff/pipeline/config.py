@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
-from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES, TASKS
+from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES, TASKS, pixel_class_task
 
 TaskName = Literal[TASK_NAMES]  # the registered tasks (handsoff.tasks.TASKS)
 
@@ -143,7 +143,7 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _quota_needs_seg(self) -> PipelineConfig:
-        if self.generation.min_class_fraction and not any(TASKS[t].pixel_classes for t in self.tasks):
+        if self.generation.min_class_fraction and pixel_class_task([TASKS[t] for t in self.tasks]) is None:
             raise ValueError("generation.min_class_fraction needs a task with classes per pixel (seg)")
         return self
 

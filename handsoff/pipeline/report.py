@@ -164,9 +164,9 @@ def line_plot(series: dict[str, list[tuple[float, float]]], lines: dict[str, flo
 def _class_shares(folder, limit: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(pixel share, image share) per class over the first ``limit`` masks of a labeled folder."""
     from handsoff.metrics.labels import presence_pixels
-    from handsoff.tasks import card_tasks
+    from handsoff.tasks import card_tasks, pixel_class_task
 
-    task = next(t for t in card_tasks(folder.card) if t.pixel_classes)
+    task = pixel_class_task(card_tasks(folder.card))
     k = len(folder.card.classes)
     masks = [folder.load(n)[task.sample_key] for n in folder.names[:limit]]
     counts = np.array([task.class_pixels(m, k) for m in masks], np.float64)

@@ -37,6 +37,12 @@ def sample_tasks(sample: dict) -> list[type]:
     return [cls for cls in TASKS.values() if cls.sample_key in sample]
 
 
+def pixel_class_task(tasks):
+    """The task (object or class) among ``tasks`` whose labels are a class per pixel (segmentation), or None:
+    class quotas, class statistics and class tables are about its classes."""
+    return next((t for t in tasks if t.pixel_classes), None)
+
+
 def parse_task_names(text: str) -> list[str]:
     """'seg,kp,depth' (or full names) -> canonical names, in that order, no duplicates."""
     names = []
@@ -51,5 +57,5 @@ def parse_task_names(text: str) -> list[str]:
 
 
 __all__ = ["ALIASES", "DEFAULT_TASKS", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES",
-           "Task", "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "sample_tasks",
-           "soft_dice_loss", "task_from_config", "tasks_from_card", "top_fraction_mean"]
+           "Task", "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names", "pixel_class_task",
+           "sample_tasks", "soft_dice_loss", "task_from_config", "tasks_from_card", "top_fraction_mean"]
