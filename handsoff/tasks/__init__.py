@@ -58,4 +58,5 @@ def parse_task_names(text: str) -> list[str]:
 
 __all__ = ["ALIASES", "DEFAULT_TASKS", "Depth", "KEYPOINT_SIGMA", "Keypoints", "Segmentation", "TASKS", "TASK_NAMES",
            "Task", "TaskBase", "card_tasks", "entropy", "gaussian_heat", "heatmaps", "parse_task_names",
-           "pixel_class_task", "sample_tasks", "soft_dice_loss", "task_from_config", "tasks_from_card", "top_fraction_mean"]
+           "pixel_class_task", "sample_tasks", "soft_dice_loss", "task_from_config", "tasks_from_card",
+           "top_fraction_mean"]
