@@ -63,12 +63,22 @@ class MLPEnsemble(nn.Module):
         shift = bn.bias.view(-1, i)[members] - bn.running_mean.view(-1, i)[members] * scale
         return weight * scale[..., None], bias + torch.einsum("mi,mio->mo", shift, weight)
 
-    def forward_hidden(self, h: torch.Tensor, members: slice | None = None) -> torch.Tensor:
+    def folded(self, members: slice | None = None) -> tuple[torch.Tensor, ...]:
+        """Eval-mode layers 2 and 3 of ``members`` with both BatchNorms folded in: (w2 (M', hidden, hidden2),
+        b2 (M', hidden2), w3 (M', hidden2, out_channels), b3 (M', out_channels))."""
+        members = members or slice(0, self.members)
+        w2, b2 = self._fold(self.bn1, self.weight2[members], self.bias2[members], members)
+        w3, b3 = self._fold(self.bn2, self.weight3[members], self.bias3[members], members)
+        return w2, b2, w3, b3
+
+    def forward_hidden(self, h: torch.Tensor, members: slice | None = None,
+                       folded: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """First-layer pre-activations as rows (N, M' * hidden) -> outputs (N, M', out_channels), for all members
         or (eval mode only) the slice ``members`` whose first-layer rows ``h`` holds.
 
-        In eval mode both BatchNorms are folded into the following layers, and the per-member products read the
-        rows in place (strided batched matmul), so a dense label map costs few passes over its activations.
+        In eval mode both BatchNorms are folded into the following layers (``folded``: that result, when the
+        caller runs many row chunks), and the per-member products read the rows in place (strided batched
+        matmul), so a dense label map costs few passes over its activations.
         """
         members = members or slice(0, self.members)
         n, m = h.shape[0], len(range(self.members)[members])
@@ -76,18 +86,13 @@ class MLPEnsemble(nn.Module):
         if self.training:
             if m != self.members:
                 raise ValueError("training runs all members at once (BatchNorm statistics span the ensemble)")
-            h = self.bn1(h)
-            w2, b2 = self.weight2, self.bias2
-        else:
-            w2, b2 = self._fold(self.bn1, self.weight2[members], self.bias2[members], members)
-        h = torch.bmm(h.view(n, m, self.hidden).transpose(0, 1), w2) + b2[:, None]  # (M', N, hidden2)
+            h = torch.bmm(self.bn1(h).view(n, m, self.hidden).transpose(0, 1), self.weight2) + self.bias2[:, None]
+            h = self.bn2(F.relu(h).transpose(0, 1).reshape(n, -1)).view(n, m, self.hidden2).transpose(0, 1)
+            return (torch.bmm(h, self.weight3) + self.bias3[:, None]).transpose(0, 1)
+        w2, b2, w3, b3 = folded or self.folded(members)
+        h = torch.baddbmm(b2[:, None], h.view(n, m, self.hidden).transpose(0, 1), w2)  # (M', N, hidden2)
         h = F.relu(h, inplace=not torch.is_grad_enabled())
-        if self.training:
-            h = self.bn2(h.transpose(0, 1).reshape(n, -1)).view(n, m, self.hidden2).transpose(0, 1)
-            w3, b3 = self.weight3, self.bias3
-        else:
-            w3, b3 = self._fold(self.bn2, self.weight3[members], self.bias3[members], members)
-        return (torch.bmm(h, w3) + b3[:, None]).transpose(0, 1)  # (N, M', out_channels)
+        return torch.baddbmm(b3[:, None], h, w3).transpose(0, 1)  # (N, M', out_channels)
 
     def forward(self, hypercolumns: torch.Tensor) -> torch.Tensor:
         """Reference path on materialized hypercolumns (N, C) -> (N, M, out_channels)."""
@@ -156,8 +161,9 @@ class LabelGenerator(nn.Module):
         for m0 in range(0, e.members, chunk):
             members = slice(m0, min(m0 + chunk, e.members))
             weights = slice(members.start * e.hidden, members.stop * e.hidden)
+            folded = e.folded(members)
             for rows, h in first_layer_bands(features, self.groups, e.weight1[weights], e.bias1[weights], size, band):
-                o = e.forward_hidden(h.reshape(-1, h.shape[-1]), members)          # (B * rows * L, M', O)
+                o = e.forward_hidden(h.reshape(-1, h.shape[-1]), members, folded)  # (B * rows * L, M', O)
                 out[:, rows.start:rows.stop, :, members] = o.view(batch, len(rows), size, *o.shape[1:])
         return out.permute(0, 3, 4, 1, 2).contiguous()
 
