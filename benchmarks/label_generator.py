@@ -7,10 +7,13 @@ Each measurement runs in its own subprocess (so peak RSS is its own), with the t
 
 * predict: features (G synthesis) + a 10-member 256/32 ensemble at every label pixel, per image.
   factorized = ``LabelGenerator.dense_outputs`` (first layer per resolution group at native resolution; per band
-  of label rows, one batched matrix product whose inner dimension holds the direct features, the lower groups'
-  results interpolated in height and their width-interpolation weights; see ``first_layer_bands``);
+  of label rows, one product for the groups at the label resolution and, per block of pixels, one for the lower
+  groups' results interpolated in height against their width-interpolation weights; see ``first_layer_bands``);
   materialized = every feature map resized to the label size and concatenated (C x L x L), then the ensemble
-  on each pixel's hypercolumn (the official code's design), run only where it fits in memory.
+  on each pixel's hypercolumn (the official code's design), run only where it fits in memory. Their times come
+  from one process that runs them alternately (the fastest of ``--reps`` runs; medians also printed): this
+  machine is shared, and the factorized path, bound by memory traffic more than the materialized one, moves
+  with its neighbours' load.
 * train: peak RSS of ``fit_label_generator`` on 50 images (a few steps), next to the size of the materialized
   design's hypercolumns for the same 50 images (C x L x L x 4 bytes each, what the official code holds in RAM).
 
@@ -52,7 +55,12 @@ def _model(G, label_size: int, classes: int = 8):
     return LabelGenerator(G, [Segmentation([str(i) for i in range(classes)])], label_size).eval()
 
 
-def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
+def measure_predict(which: str, label_size: int, modes: list[str], reps: int) -> dict:
+    """Seconds per image of ``modes`` (factorized / materialized), run alternately ``reps`` times after one
+    warm-up each, so that both see the same machine: the fastest run of each (as ``timeit`` reports: slower runs
+    are other processes' interference) and, under "median", the medians; peak RSS of this process."""
+    import statistics
+
     import torch
 
     from handsoff.label_generator.features import materialized_hypercolumns
@@ -60,27 +68,32 @@ def measure_predict(which: str, label_size: int, mode: str, reps: int) -> dict:
     G = _generator(which)
     model = _model(G, label_size)
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)))
-    times = {"features": 0.0, "ensemble": 0.0}
+    times = {mode: {"features": [], "ensemble": []} for mode in modes}
     with torch.no_grad():
         for rep in range(reps + 1):  # the first repetition warms up and is not counted
-            t0 = time.perf_counter()
-            _, feats = model.features(ws)
-            t1 = time.perf_counter()
-            if mode == "factorized":
-                out = model.dense_outputs(feats)
-            else:
-                hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
-                rows = hyper.reshape(hyper.shape[0], -1).t()
-                out = torch.cat([model.ensemble(rows[i:i + 16384]) for i in range(0, len(rows), 16384)])
-                del hyper, rows
-            t2 = time.perf_counter()
-            if rep:
-                times["features"] += (t1 - t0) / reps
-                times["ensemble"] += (t2 - t1) / reps
-            del out
-    channels = sum(G.synthesis.feature_channels)
-    return {**times, "total": times["features"] + times["ensemble"], "channels": channels,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            for mode in modes:
+                t0 = time.perf_counter()
+                _, feats = model.features(ws)
+                t1 = time.perf_counter()
+                if mode == "factorized":
+                    out = model.dense_outputs(feats)
+                else:
+                    hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
+                    rows = hyper.reshape(hyper.shape[0], -1).t()
+                    out = torch.cat([model.ensemble(rows[i:i + 16384]) for i in range(0, len(rows), 16384)])
+                    del hyper, rows
+                t2 = time.perf_counter()
+                if rep:
+                    times[mode]["features"].append(t1 - t0)
+                    times[mode]["ensemble"].append(t2 - t1)
+                del out
+    result = {"channels": sum(G.synthesis.feature_channels),
+              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    for mode, t in times.items():
+        total = [f + e for f, e in zip(t["features"], t["ensemble"])]
+        result[mode] = {"features": min(t["features"]), "ensemble": min(t["ensemble"]), "total": min(total),
+                        "median": {"ensemble": statistics.median(t["ensemble"]), "total": statistics.median(total)}}
+    return result
 
 
 def multiply_adds(which: str, label_size: int) -> dict:
@@ -134,7 +147,7 @@ def run(kind: str, which: str, label_size: int, **kw) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--skip-ffhq", action="store_true")
     parser.add_argument("--skip-heads", action="store_true")
@@ -154,16 +167,21 @@ def main() -> None:
     cases = ([] if args.skip_heads else [("heads-64", 64)]) + ([] if args.skip_ffhq else [("ffhq", 512)])
     final = None
     for which, size in cases:
-        fact = run("predict", which, size, mode="factorized", reps=args.reps)
+        # Peak RSS of the factorized path on its own; both paths' times from one process that alternates them.
+        alone = run("predict", which, size, modes=["factorized"], reps=1)
         macs = multiply_adds(which, size)
-        channels = fact["channels"]
+        channels = alone["channels"]
         mat_gb = channels * size**2 * 4 / 2**30
         if mat_gb <= args.materialize_limit_gb:
-            mat = run("predict", which, size, mode="materialized", reps=args.reps)
+            paired = run("predict", which, size, modes=["factorized", "materialized"], reps=args.reps)
+            fact, mat = ({**paired[m], "peak_rss_gb": rss} for m, rss in
+                         (("factorized", alone["peak_rss_gb"]), ("materialized", paired["peak_rss_gb"])))
         else:
+            fact = {**alone["factorized"], "peak_rss_gb": alone["peak_rss_gb"]}
             mat = {"error": f"hypercolumn {mat_gb:.1f} GB > limit"}
         print(f"\n{which}: {channels} feature channels, labels {size}x{size} "
-              f"(one materialized hypercolumn: {mat_gb:.2f} GB)")
+              f"(one materialized hypercolumn: {mat_gb:.2f} GB); seconds per image: the fastest of {args.reps} "
+              "runs, the two paths alternating in one process")
         print(f"{'per image':<14}{'features s':>12}{'ensemble s':>12}{'total s':>10}{'peak RSS GB':>13}")
         for name, r in (("factorized", fact), ("materialized", mat)):
             if "error" in r:
@@ -173,11 +191,13 @@ def main() -> None:
                       f"{r['peak_rss_gb']:>13.2f}")
         speedup = mat["ensemble"] / fact["ensemble"] if "error" not in mat else float("nan")
         total_speedup = mat["total"] / fact["total"] if "error" not in mat else float("nan")
-        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x; with features: {total_speedup:.1f}x")
+        median = mat["median"]["ensemble"] / fact["median"]["ensemble"] if "error" not in mat else float("nan")
+        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x (medians: {median:.1f}x); "
+              f"with features: {total_speedup:.1f}x")
         bound = macs["materialized"] / macs["factorized"]
         print(f"multiply-adds per image: factorized {macs['factorized'] / 1e9:.1f} G, materialized "
               f"{macs['materialized'] / 1e9:.1f} G -> arithmetic bound on the speedup {bound:.1f}x "
-              f"(reached: {speedup / bound:.0%})")
+              f"(reached: {speedup / bound:.0%}; medians: {median / bound:.0%})")
         train = run("train", which, size, images=50, steps=args.train_steps)
         if "error" in train:
             print(f"training on 50 images: failed ({train['error']})")

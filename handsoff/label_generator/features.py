@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Label pixels per matrix product in ``first_layer_bands``: each lower-resolution group adds about
-# block * r / L + 2 source columns to the product's inner dimension (at 64 and L = 512: 77 in all for FFHQ's seven
-# lower groups, next to 192 direct feature channels; 32 was slower, 128 no faster, on a 2-core AVX2 EPYC).
-WIDTH_BLOCK = 64
+# Label pixels per matrix product of the lower groups in ``first_layer_bands``: each lower-resolution group adds
+# about block * r / L + 2 source columns to the product's inner dimension (at 64 px: 34 columns for heads-64's four
+# lower groups, against 60 for whole rows; at 512 px: 45 for FFHQ's seven). On a 2-core AVX2 EPYC, 32 was the
+# fastest at 64 px (16: 5% slower, 64: 10-15%) and as fast as 64 at 512 px (16 and 128: 5-10% slower).
+WIDTH_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,8 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
     that block reads, against those source columns of the group's O-wide result at native resolution, already
     interpolated to the row in height. So no upsampled O-wide map ever exists, and the interpolation costs a few
     multiply-adds per output value per group (the source columns a block reads) at matrix-product speed. Narrow
-    blocks read fewer source columns per pixel (at 64 px with block 16: 19 of the 60 columns of the lower groups)
-    at the price of smaller products.
+    blocks read fewer source columns per pixel (at 64 px with block 32: 34 of the lower groups' 60 columns) at the
+    price of smaller products.
     """
     b, width, dtype, device = features[0].shape[0], weight.shape[0], weight.dtype, weight.device
     direct, direct_weights, lower = [], [], []
