@@ -249,12 +249,19 @@ def test_two_workers_train_what_one_does(tmp_path, splits):
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("one", "two"))
     assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
+    # Training losses, per epoch: the first epoch's mean holds one step before any update and one after a single
+    # Adam step, so it agrees closely; float noise then grows with every step, because Adam's first steps move a
+    # weight by about lr whatever its gradient's size (measured on a 2-core AMD EPYC: relative differences of at
+    # most 2.9e-4 in epoch 1 and 1.5e-3 in epoch 2). Epoch 1 catches the bugs this test guards against: each
+    # worker's batch norm on its own half of the batch gave 8.7e-3 there, no gradient averaging (no DDP) 2.2e-2.
+    for a, b, rel in zip(one, two, (1e-3, 5e-3)):
         for key in a["train_loss"]:
-            assert a["train_loss"][key] == pytest.approx(b["train_loss"][key], rel=1e-3), key
+            assert a["train_loss"][key] == pytest.approx(b["train_loss"][key], rel=rel), (a["epoch"], key)
         assert a["val"]["depth_rmse"] == pytest.approx(b["val"]["depth_rmse"], rel=1e-3)
-        for key in ("miou", "pck@0.1"):  # argmax-based: a few pixels on a decision boundary may flip
-            assert a["val"][key] == pytest.approx(b["val"][key], abs=0.01), key
+        # Argmax-based: a few pixels on a decision boundary may flip, and one keypoint of the 60 visible in the
+        # validation split moves PCK by 0.017 (measured: epoch 2 at 0.167 vs 0.150 on a 2-core AMD EPYC).
+        for key, tolerance in (("miou", 0.01), ("pck@0.1", 0.02)):
+            assert a["val"][key] == pytest.approx(b["val"][key], abs=tolerance), key
     # What the trained networks compute. Weights are not compared element by element: Adam's first steps move a
     # weight by about lr whatever its gradient's size, so weights whose gradient is float noise (~1e-9) may move
     # either way, which the outputs do not notice.
@@ -264,6 +271,6 @@ def test_two_workers_train_what_one_does(tmp_path, splits):
         outputs = [m(images) for m in models]
     for head in outputs[0]:
         a, b = outputs[0][head], outputs[1][head]
-        # Measured: 0.5-1.3% of the outputs' mean size. With each worker's batch norm on its own half of the batch
-        # instead, the training losses already differ by more than 1e-3.
-        assert (a - b).abs().mean() <= 0.03 * a.abs().mean(), head
+        # Float noise amplified by Adam (see above): measured 0.5-1.3% of the outputs' mean size on earlier days, up
+        # to 4% (keypoint heatmaps, whose values are still near their initial ~2e-3) on 2026-11-28 on the same code.
+        assert (a - b).abs().mean() <= 0.1 * a.abs().mean(), head
