@@ -97,9 +97,9 @@ def measure_predict(which: str, label_size: int, modes: list[str], reps: int) ->
 
 
 def multiply_adds(which: str, label_size: int) -> dict:
-    """Multiply-adds per image of the ensemble (all layers), factorized vs materialized: the ratio is the most a
-    factorized implementation can gain at equal arithmetic speed (groups at or above the label resolution cost
-    the same either way)."""
+    """Multiply-adds per image of the ensemble (all layers), factorized vs materialized, and the hypercolumn's
+    channels: the ratio is the most a factorized implementation can gain at equal arithmetic speed (groups at or
+    above the label resolution cost the same either way)."""
     from handsoff.label_generator.features import feature_groups
 
     G = _generator(which)
@@ -110,7 +110,7 @@ def multiply_adds(which: str, label_size: int) -> dict:
     groups = feature_groups(G.synthesis.feature_channels, G.synthesis.feature_resolutions)
     factorized = sum(min(g.resolution, label_size)**2 * (g.stop - g.start) for g in groups) * width + rest
     materialized = label_size**2 * groups[-1].stop * width + rest
-    return {"factorized": factorized, "materialized": materialized}
+    return {"factorized": factorized, "materialized": materialized, "channels": groups[-1].stop}
 
 
 def measure_train(which: str, label_size: int, images: int, steps: int) -> dict:
@@ -167,12 +167,14 @@ def main() -> None:
     cases = ([] if args.skip_heads else [("heads-64", 64)]) + ([] if args.skip_ffhq else [("ffhq", 512)])
     final = None
     for which, size in cases:
-        # Peak RSS of the factorized path on its own; both paths' times from one process that alternates them.
-        alone = run("predict", which, size, modes=["factorized"], reps=1)
+        # Peak RSS of the factorized path on its own; where the materialized one fits too, both paths' times come
+        # from one process that alternates them (so the factorized run on its own needs no repetitions).
         macs = multiply_adds(which, size)
+        mat_gb = macs["channels"] * size**2 * 4 / 2**30
+        fits = mat_gb <= args.materialize_limit_gb
+        alone = run("predict", which, size, modes=["factorized"], reps=1 if fits else args.reps)
         channels = alone["channels"]
-        mat_gb = channels * size**2 * 4 / 2**30
-        if mat_gb <= args.materialize_limit_gb:
+        if fits:
             paired = run("predict", which, size, modes=["factorized", "materialized"], reps=args.reps)
             fact, mat = ({**paired[m], "peak_rss_gb": rss} for m, rss in
                          (("factorized", alone["peak_rss_gb"]), ("materialized", paired["peak_rss_gb"])))

@@ -167,9 +167,9 @@ def _lower_plan(size: int, resolutions: tuple[int, ...], block: int, band: int) 
     blocks = -(-size // block)
     block = -(-size // blocks)                                     # equal blocks; rows are padded to whole blocks
     starts = range(0, size, block)
+    matrices = [_interpolation_matrix(size, r) for r in resolutions]
     windows, heights, k = [], [], 0
-    for r in resolutions:
-        matrix = _interpolation_matrix(size, r)
+    for r, matrix in zip(resolutions, matrices):
         supports = [_support(matrix[x0:x0 + block]) for x0 in starts]
         span = max(c1 - c0 for c0, c1 in supports)
         windows.append((k, span, tuple(min(c0, r - span) for c0, _ in supports)))
@@ -180,8 +180,7 @@ def _lower_plan(size: int, resolutions: tuple[int, ...], block: int, band: int) 
             per_band.append((c0, matrix[y0:y0 + band, c0:c1].contiguous()))
         heights.append(tuple(per_band))
     widths = torch.zeros(blocks, block, k)
-    for r, (offset, span, firsts) in zip(resolutions, windows):
-        matrix = _interpolation_matrix(size, r)
+    for matrix, (offset, span, firsts) in zip(matrices, windows):
         for j, (x0, c) in enumerate(zip(starts, firsts)):
             widths[j, :min(block, size - x0), offset:offset + span] = matrix[x0:x0 + block, c:c + span]
     return _LowerPlan(block, blocks, k, tuple(windows), widths, tuple(heights))
@@ -219,8 +218,7 @@ def first_layer_bands(features: list[torch.Tensor], groups: list[FeatureGroup], 
     padded = blocks * block
     cd = sum(d.shape[-1] for d in direct)
     if cd:  # channels last, rows padded with zeros to whole blocks
-        direct_features = torch.zeros(b, size, padded, cd, dtype=dtype, device=device)
-        direct_features[:, :, :size] = torch.cat(direct, -1)
+        direct_features = F.pad(torch.cat(direct, -1), (0, 0, 0, padded - size))
         direct_weight = torch.cat(direct_weights, 0)                                  # (C_direct, O)
     if k:
         # Left operand per block (block, K): the width weights, the same in every row. Right operand per row and
