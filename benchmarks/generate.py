@@ -2,11 +2,12 @@
 
     python benchmarks/generate.py --label-generator runs/heads-pipeline/label_generator [--n 256] [--rounds 3]
 
-Variants, alternated for ``--rounds`` rounds so that machine noise hits both (best round reported):
+Variants, alternated for ``--rounds`` rounds so that machine noise hits all (best round reported):
     images   G.mapping + G.synthesis only (what sampling a GAN costs)
     labeled  the same plus features, the label generator's ensemble at every label pixel and the decoding of
              every task with its uncertainty (``LabelGenerator.predict``), i.e. ``handsoff generate`` minus
-             file writing
+             file writing, in the label precision 'auto' picks on this machine (``--label-precision``)
+    labeled-fp32  the same in fp32, where 'auto' picks bf16
     written  the whole ``generate_dataset`` run, files and all (one round, into a temporary folder)
 
 The goal (issue 7): labels cost at most 25% extra over the generator, i.e. labeled / images >= 0.8.
@@ -23,6 +24,7 @@ import torch
 from handsoff.generation import GenerationConfig, generate_dataset
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.label_generator import load_label_generator
+from handsoff.label_generator.model import label_map_dtype, precision_name
 from handsoff.runtime import tune_allocator
 
 
@@ -36,31 +38,38 @@ def main() -> None:
                         help="also generate N images (after filtering) and compare their class frequencies with N "
                         "real rendered heads (heads label generators only)")
     parser.add_argument("--truncation", type=float, default=0.7)
+    parser.add_argument("--label-precision", choices=["auto", "fp32", "bf16"], default="auto")
     args = parser.parse_args()
     tune_allocator()
     model = load_label_generator(args.label_generator)
     G = model.G
     z = latents_for_seeds(0, range(args.n), G.z_dim)
-    rates = {"images": [], "labeled": []}
+    chosen = precision_name(label_map_dtype(args.label_precision, "cpu"))
+    precisions = {"labeled": chosen, **({"labeled-fp32": "fp32"} if chosen != "fp32" else {})}
+    rates = {"images": [], **{name: [] for name in precisions}}
     with torch.no_grad():
-        model.predict_z(z[:args.batch])  # warm-up
+        for p in precisions.values():
+            model.predict_z(z[:args.batch], precision=p)  # warm-up
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             for i in range(0, args.n, args.batch):
                 G(z[i:i + args.batch], truncation_psi=0.7)
             rates["images"].append(args.n / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for i in range(0, args.n, args.batch):
-                model.predict_z(z[i:i + args.batch], truncation_psi=0.7)
-            rates["labeled"].append(args.n / (time.perf_counter() - t0))
+            for name, p in precisions.items():
+                t0 = time.perf_counter()
+                for i in range(0, args.n, args.batch):
+                    model.predict_z(z[i:i + args.batch], truncation_psi=0.7, precision=p)
+                rates[name].append(args.n / (time.perf_counter() - t0))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        generate_dataset(model, f"{tmp}/ds", GenerationConfig(n=args.n, batch=args.batch), progress=False)
+        generate_dataset(model, f"{tmp}/ds", GenerationConfig(n=args.n, batch=args.batch, label_precision=chosen),
+                         progress=False)
         written = args.n / (time.perf_counter() - t0)
     tasks = ",".join(t.name for t in model.tasks)
     e = model.ensemble
     print(f"generator {G.img_resolution} px, label generator: {tasks}, {e.members} members {e.hidden}/{e.hidden2}, "
-          f"labels {model.label_size} px; n={args.n}, batch {args.batch}, {torch.get_num_threads()} threads")
+          f"labels {model.label_size} px in {chosen} (--label-precision {args.label_precision}); n={args.n}, "
+          f"batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"{'variant':<10}{'img/s (best)':>14}{'img/s (mean)':>14}")
     for name, r in rates.items():
         print(f"{name:<10}{max(r):>14.1f}{sum(r) / len(r):>14.1f}")

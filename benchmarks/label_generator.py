@@ -17,15 +17,22 @@ Each measurement runs in its own subprocess (so peak RSS is its own), with the t
 * train: peak RSS of ``fit_label_generator`` on 50 images (a few steps), next to the size of the materialized
   design's hypercolumns for the same 50 images (C x L x L x 4 bytes each, what the official code holds in RAM).
 
+Arithmetic: both designs in fp32, and also both in bf16 where handsoff's 'auto' label precision takes bf16 on this
+machine (bf16 matrix products measured faster than fp32: ``label_generator.model.label_map_dtype``). Speedups are
+reported with both designs in the same arithmetic: only then is the share of the bound meaningful. Where bf16 is
+the default, handsoff's default (factorized bf16) against the official design as it runs (materialized fp32) is
+printed too.
+
 FFHQ uses random weights (speed and memory do not depend on them). The last line,
-``factorized speedup: N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images. Also printed: the
-multiply-adds of both designs, whose ratio bounds the speedup any factorized implementation can reach at equal
+``factorized speedup (fp32): N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images. Also printed:
+the multiply-adds of both designs, whose ratio bounds the speedup any factorized implementation can reach at equal
 arithmetic speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -56,9 +63,10 @@ def _model(G, label_size: int, classes: int = 8):
 
 
 def measure_predict(which: str, label_size: int, modes: list[str], reps: int) -> dict:
-    """Seconds per image of ``modes`` (factorized / materialized), run alternately ``reps`` times after one
-    warm-up each, so that both see the same machine: the fastest run of each (as ``timeit`` reports: slower runs
-    are other processes' interference) and, under "median", the medians; peak RSS of this process."""
+    """Seconds per image of ``modes`` ("factorized fp32", "materialized bf16", ...: design and arithmetic), run
+    alternately ``reps`` times after one warm-up each, so that all see the same machine: the fastest run of each (as
+    ``timeit`` reports: slower runs are other processes' interference) and, under "median", the medians; peak RSS
+    of this process."""
     import statistics
 
     import torch
@@ -68,19 +76,24 @@ def measure_predict(which: str, label_size: int, modes: list[str], reps: int) ->
     G = _generator(which)
     model = _model(G, label_size)
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)))
+    e = model.ensemble
+    ensembles = {"fp32": e, "bf16": copy.deepcopy(e).to(torch.bfloat16)}
     times = {mode: {"features": [], "ensemble": []} for mode in modes}
     with torch.no_grad():
         for rep in range(reps + 1):  # the first repetition warms up and is not counted
             for mode in modes:
+                design, precision = mode.split()
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
                 t0 = time.perf_counter()
                 _, feats = model.features(ws)
                 t1 = time.perf_counter()
-                if mode == "factorized":
-                    out = model.dense_outputs(feats)
-                else:
-                    hyper = materialized_hypercolumns(feats, label_size)[0]          # (C, L, L)
+                if design == "factorized":
+                    out = model.dense_outputs(feats, dtype=dtype)
+                else:  # the official design: hypercolumns materialized in the ensemble's dtype, rows in chunks
+                    ensemble = ensembles[precision]
+                    hyper = materialized_hypercolumns(feats, label_size)[0].to(dtype)          # (C, L, L)
                     rows = hyper.reshape(hyper.shape[0], -1).t()
-                    out = torch.cat([model.ensemble(rows[i:i + 16384]) for i in range(0, len(rows), 16384)])
+                    out = torch.cat([ensemble(rows[i:i + 16384]) for i in range(0, len(rows), 16384)])
                     del hyper, rows
                 t2 = time.perf_counter()
                 if rep:
@@ -151,6 +164,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--skip-ffhq", action="store_true")
     parser.add_argument("--skip-heads", action="store_true")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="label-map arithmetic to time beside fp32 (auto: bf16 where it measures faster)")
     parser.add_argument("--materialize-limit-gb", type=float, default=14.0,
                         help="skip the materialized run where its hypercolumn would exceed this")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -164,42 +179,57 @@ def main() -> None:
         print(json.dumps(fn(which, int(size), **json.loads(kw))))
         return
 
+    import torch
+
+    from handsoff.label_generator.model import label_map_dtype, precision_name
+
+    # fp32, and bf16 where handsoff's 'auto' takes it on this machine (bf16 products measured faster than fp32).
+    chosen = precision_name(label_map_dtype(args.precision, "cpu"))
+    precisions = ["fp32"] + (["bf16"] if chosen == "bf16" else [])
+    print(f"label maps: --precision {args.precision} -> {chosen} on this CPU "
+          f"({torch.get_num_threads()} threads)")
     cases = ([] if args.skip_heads else [("heads-64", 64)]) + ([] if args.skip_ffhq else [("ffhq", 512)])
     final = None
     for which, size in cases:
-        # Peak RSS of the factorized path on its own; where the materialized one fits too, both paths' times come
-        # from one process that alternates them (so the factorized run on its own needs no repetitions).
+        # Peak RSS of the factorized path on its own; the times come from one process that alternates the variants
+        # (the materialized design only where its hypercolumn fits in memory).
         macs = multiply_adds(which, size)
+        bound = macs["materialized"] / macs["factorized"]
         mat_gb = macs["channels"] * size**2 * 4 / 2**30
         fits = mat_gb <= args.materialize_limit_gb
-        alone = run("predict", which, size, modes=["factorized"], reps=1 if fits else args.reps)
-        channels = alone["channels"]
-        if fits:
-            paired = run("predict", which, size, modes=["factorized", "materialized"], reps=args.reps)
-            fact, mat = ({**paired[m], "peak_rss_gb": rss} for m, rss in
-                         (("factorized", alone["peak_rss_gb"]), ("materialized", paired["peak_rss_gb"])))
-        else:
-            fact = {**alone["factorized"], "peak_rss_gb": alone["peak_rss_gb"]}
-            mat = {"error": f"hypercolumn {mat_gb:.1f} GB > limit"}
-        print(f"\n{which}: {channels} feature channels, labels {size}x{size} "
-              f"(one materialized hypercolumn: {mat_gb:.2f} GB); seconds per image: the fastest of {args.reps} "
-              "runs, the two paths alternating in one process")
-        print(f"{'per image':<14}{'features s':>12}{'ensemble s':>12}{'total s':>10}{'peak RSS GB':>13}")
-        for name, r in (("factorized", fact), ("materialized", mat)):
+        alone = run("predict", which, size, modes=[f"factorized {chosen}"], reps=1)
+        modes = [f"{design} {p}" for p in precisions for design in ("factorized", "materialized")] if fits else \
+            [f"factorized {p}" for p in precisions]
+        paired = run("predict", which, size, modes=modes, reps=args.reps)
+        print(f"\n{which}: {macs['channels']} feature channels, labels {size}x{size} "
+              f"(one materialized hypercolumn: {mat_gb:.2f} GB in fp32); seconds per image: the fastest of "
+              f"{args.reps} runs, all variants alternating in one process")
+        print(f"{'per image':<20}{'features s':>12}{'ensemble s':>12}{'total s':>10}")
+        for mode in modes + ([] if fits else ["materialized fp32"]):
+            r = paired.get(mode, {"error": f"hypercolumn {mat_gb:.1f} GB > limit"})
             if "error" in r:
-                print(f"{name:<14}  not run: {r['error']}")
+                print(f"{mode:<20}  not run: {r['error']}")
             else:
-                print(f"{name:<14}{r['features']:>12.3f}{r['ensemble']:>12.3f}{r['total']:>10.3f}"
-                      f"{r['peak_rss_gb']:>13.2f}")
-        speedup = mat["ensemble"] / fact["ensemble"] if "error" not in mat else float("nan")
-        total_speedup = mat["total"] / fact["total"] if "error" not in mat else float("nan")
-        median = mat["median"]["ensemble"] / fact["median"]["ensemble"] if "error" not in mat else float("nan")
-        print(f"speedup (ensemble incl. first layer): {speedup:.1f}x (medians: {median:.1f}x); "
-              f"with features: {total_speedup:.1f}x")
-        bound = macs["materialized"] / macs["factorized"]
+                print(f"{mode:<20}{r['features']:>12.3f}{r['ensemble']:>12.3f}{r['total']:>10.3f}")
+        print(f"factorized {chosen} alone: peak RSS {alone['peak_rss_gb']:.2f} GB")
         print(f"multiply-adds per image: factorized {macs['factorized'] / 1e9:.1f} G, materialized "
-              f"{macs['materialized'] / 1e9:.1f} G -> arithmetic bound on the speedup {bound:.1f}x "
-              f"(reached: {speedup / bound:.0%}; medians: {median / bound:.0%})")
+              f"{macs['materialized'] / 1e9:.1f} G -> arithmetic bound on the speedup {bound:.1f}x at equal "
+              "arithmetic speed")
+        speedups = {}
+        for p in precisions:
+            f, m = paired.get(f"factorized {p}"), paired.get(f"materialized {p}")
+            if not (f and m and "error" not in f and "error" not in m):
+                continue
+            speedups[p] = speedup = m["ensemble"] / f["ensemble"]
+            median = m["median"]["ensemble"] / f["median"]["ensemble"]
+            print(f"speedup, both designs in {p} (ensemble incl. first layer): {speedup:.1f}x (medians: "
+                  f"{median:.1f}x); with features: {m['total'] / f['total']:.1f}x; share of the bound reached: "
+                  f"{speedup / bound:.0%} (medians: {median / bound:.0%})")
+        if chosen != "fp32" and "materialized fp32" in paired and "error" not in paired["materialized fp32"]:
+            versus = paired["materialized fp32"]["ensemble"] / paired[f"factorized {chosen}"]["ensemble"]
+            print(f"handsoff's default here (factorized {chosen}) vs the official design (materialized fp32): "
+                  f"{versus:.1f}x ({versus / bound:.0%} of the equal-arithmetic bound; {chosen} arithmetic is "
+                  "faster, so this may exceed it)")
         train = run("train", which, size, images=50, steps=args.train_steps)
         if "error" in train:
             print(f"training on 50 images: failed ({train['error']})")
@@ -208,9 +238,9 @@ def main() -> None:
                   f"({train['seconds_per_step']:.2f} s/step) vs materialized hypercolumns "
                   f"{train['materialized_gb']:.0f} GB ({train['materialized_gb'] / train['peak_rss_gb']:.0f}x)")
         if size == 512:
-            final = (speedup, train.get("peak_rss_gb", float("nan")))
+            final = (speedups.get("fp32", float("nan")), train.get("peak_rss_gb", float("nan")))
     if final:
-        print(f"factorized speedup: {final[0]:.1f}x, training peak RSS: {final[1]:.1f} GB")
+        print(f"factorized speedup (fp32): {final[0]:.1f}x, training peak RSS: {final[1]:.1f} GB")
 
 
 if __name__ == "__main__":

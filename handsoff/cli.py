@@ -295,7 +295,8 @@ def cmd_generate(args) -> int:
     model = load_label_generator(lg_path, generator=generator, device=device)
     config = GenerationConfig(n=args.n, seed=args.seed, truncation=args.truncation, filter_top=args.filter_top,
                               filter_by=args.filter_by, keep_filtered=args.keep_filtered, batch=args.batch,
-                              fmt=args.format, min_class_fraction=_class_fractions(args.min_class_fraction or []))
+                              fmt=args.format, min_class_fraction=_class_fractions(args.min_class_fraction or []),
+                              label_precision=args.label_precision)
     if args.shards:
         kept = args.n - math.floor(args.filter_top * args.n)
         config.shard_size = max(1, math.ceil(kept / args.shards))
@@ -645,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate until a share F of the samples contain CLASS (rejection sampling)")
     p.add_argument("--generator", help="use this generator instead of the one the label generator records")
     p.add_argument("--device", default="auto")
+    p.add_argument("--label-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="arithmetic of the label maps: auto takes bf16 on CUDA and on CPUs where bf16 matrix "
+                   "products measure faster than fp32 (measured once per machine, cached); the choice is recorded "
+                   "in dataset.json")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train-downstream", help="train the downstream network (a U-Net or DeepLabV3, a head per "

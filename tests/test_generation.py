@@ -209,3 +209,40 @@ def test_resume_or_rerun_with_another_label_generator_is_refused(tmp_path, label
     err = capsys.readouterr().err
     assert "started with another label generator" in err and f"delete {unfinished}" in err
     assert main(_generate(label_generator, unfinished, n=4)) == 0  # the right one resumes and finishes
+
+
+def test_auto_label_precision_is_resolved_recorded_and_held_on_resume(tmp_path, label_generator, monkeypatch,
+                                                                      capsys):
+    """'auto' becomes bf16 or fp32 for this machine (the matmul measurement decides on a CPU); dataset.json records
+    the resolved one, and a machine that resolves 'auto' otherwise cannot resume or re-run into that dataset."""
+    import handsoff.generation.run as generation
+    from handsoff import runtime
+
+    def machine(speedup: float, name: str):  # a CPU whose bf16 products measured ``speedup`` x float32
+        monkeypatch.setenv("HANDSOFF_CACHE", str(tmp_path / f"cache-{name}"))
+        monkeypatch.setattr(runtime, "measure_bf16_matmul_speedup", lambda: speedup)
+
+    def recorded(out):
+        return json.loads((out / "dataset.json").read_text())["source"]["generation"]["label_precision"]
+
+    machine(2.0, "bf16")
+    assert main(_generate(label_generator, tmp_path / "auto", n=8)) == 0
+    assert recorded(tmp_path / "auto") == "bf16"
+    assert main(_generate(label_generator, tmp_path / "auto", n=8)) == 0  # same machine: nothing to do
+    machine(0.5, "fp32")
+    assert main(_generate(label_generator, tmp_path / "auto", n=8)) == 1
+    assert "a finished dataset with other settings" in capsys.readouterr().err
+    assert main(_generate(label_generator, tmp_path / "fp32", "--label-precision", "fp32", n=8)) == 0
+    assert recorded(tmp_path / "fp32") == "fp32"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    machine(2.0, "bf16")
+    monkeypatch.setattr(generation, "_finalize", killed)
+    assert main(_generate(label_generator, tmp_path / "unfinished", n=8)) == 130
+    monkeypatch.undo()
+    machine(0.5, "fp32")
+    assert main(_generate(label_generator, tmp_path / "unfinished", n=8)) == 1
+    assert "cannot resume with different settings (label_precision)" in capsys.readouterr().err
+    assert main(_generate(label_generator, tmp_path / "unfinished", "--label-precision", "bf16", n=8)) == 0
+    assert recorded(tmp_path / "unfinished") == "bf16"

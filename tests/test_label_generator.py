@@ -1,3 +1,6 @@
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -107,8 +110,8 @@ def test_each_task_learns_a_known_function_of_the_features(tiny_generator, tmp_p
     one_at_a_time = pytest.MonkeyPatch.context()
     with one_at_a_time as mp:
         mp.setattr(model_module, "PREDICT_FEATURE_BYTES", 1)
-        c = model.predict(ws[:3])
-    whole = model.predict(ws[:3])
+        c = model.predict(ws[:3], precision="fp32")  # (bf16 rounding would hide small differences)
+    whole = model.predict(ws[:3], precision="fp32")
     torch.testing.assert_close(c["images"], whole["images"], rtol=1e-5, atol=1e-5)
     for task in ("seg", "kp", "depth"):
         for i in range(3):
@@ -267,10 +270,56 @@ def test_label_maps_on_every_device_match_cpu(tiny_generator, device):
     model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"]), Depth(log_mean=1.0, log_std=0.5)], 32,
                            members=2, hidden=16, hidden2=8).eval()
     ws = _latents(tiny_generator, 2)
-    expected = model.predict(ws)
-    moved = model.to(device).predict(ws.to(device))
+    expected = model.predict(ws, precision="fp32")
+    moved = model.to(device).predict(ws.to(device), precision="fp32")
     for i in range(2):
         same = (moved["seg"][i]["label"].cpu() == expected["seg"][i]["label"]).float().mean()
         assert same > 0.99
         torch.testing.assert_close(moved["depth"][i]["label"].cpu(), expected["depth"][i]["label"], rtol=1e-2,
                                    atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_label_maps_stay_within_the_stated_tolerance_of_float32(tiny_generator, device):
+    """bf16 label maps really run in bf16 (not bit-identical to float32) and stay close to float32: outputs within
+    2% RMS, segmentation labels on >= 98% of pixels, depth within 2%."""
+    torch.manual_seed(0)
+    model = LabelGenerator(tiny_generator, [Segmentation(["a", "b", "c"]), Depth(log_mean=1.0, log_std=0.5)], 32,
+                           members=2, hidden=16, hidden2=8).eval().to(device)
+    with torch.no_grad():  # decisive logits, as a fitted model's are
+        model.ensemble.weight3.mul_(50)
+    ws = _latents(tiny_generator, 3).to(device)
+    _, feats = model.features(ws)
+    full, half = model.dense_outputs(feats), model.dense_outputs(feats, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and not torch.equal(full, half)
+    assert ((half - full).pow(2).mean() / full.pow(2).mean()).sqrt() < 0.02
+    a, b = model.predict(ws, precision="fp32"), model.predict(ws, precision="bf16")
+    for i in range(3):
+        assert (a["seg"][i]["label"] == b["seg"][i]["label"]).float().mean() >= 0.98
+        torch.testing.assert_close(b["depth"][i]["label"], a["depth"][i]["label"], rtol=0.02, atol=0.02)
+
+
+def test_auto_label_precision_follows_the_matmul_measurement(tmp_path, monkeypatch):
+    """'auto' label maps take bf16 on a CPU only where bf16 matrix products measured faster; measured once per
+    machine and cached beside (not instead of) the convolution measurement; explicit choices are not measured."""
+    from handsoff import runtime
+    from handsoff.label_generator.model import label_map_dtype
+
+    measured = runtime.measure_bf16_matmul_speedup(rows=16, inner=8, width=32, repeats=1)
+    assert math.isfinite(measured) and measured > 0
+    monkeypatch.setenv("HANDSOFF_CACHE", str(tmp_path))
+    calls = []
+    for speedup, dtype in ((0.5, torch.float32), (3.0, torch.bfloat16)):
+        monkeypatch.setattr(runtime, "measure_bf16_matmul_speedup", lambda s=speedup: calls.append(s) or s)
+        (tmp_path / "precision.json").unlink(missing_ok=True)
+        assert label_map_dtype("auto", "cpu") == label_map_dtype("auto", torch.device("cpu")) == dtype
+    assert calls == [0.5, 3.0]
+    monkeypatch.setattr(runtime, "measure_bf16_speedup", lambda: 0.25)
+    assert not runtime.reduced_precision_pays("cpu")  # the convolution measurement is a key of its own
+    keys = json.loads((tmp_path / "precision.json").read_text())
+    assert sorted(keys.values()) == [0.25, 3.0] and any(k.endswith("| matmul") for k in keys)
+    assert runtime.cpu_key() in next(iter(keys))
+    assert label_map_dtype("fp32", "cpu") == torch.float32 and label_map_dtype("bf16", "cpu") == torch.bfloat16
+    assert calls == [0.5, 3.0]
+    with pytest.raises(ValueError, match="label precision must be one of auto, fp32, bf16, got 'fp16'"):
+        label_map_dtype("fp16", "cpu")

@@ -27,6 +27,7 @@ from handsoff.data.webdataset import write_webdataset
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
+from handsoff.label_generator.model import LABEL_PRECISIONS, label_map_dtype, precision_name
 from handsoff.metrics.labels import presence_pixels
 from handsoff.tasks import card_tasks, pixel_class_task, sample_tasks
 
@@ -42,6 +43,9 @@ class GenerationConfig:
     unit of work). fmt: 'folder' (standard layout) or 'webdataset' (tar shards of ``shard_size`` samples).
     min_class_fraction: {class name: share of the n samples that must contain it}; at most
     ``MAX_CANDIDATES_PER_SAMPLE * n`` candidates are drawn for it, then generation stops with an error.
+    label_precision: the label maps' arithmetic (``label_generator.model.LABEL_PRECISIONS``); 'auto' is resolved to
+    'bf16' or 'fp32' for this machine when generation starts and recorded so (a run resumed on a machine that
+    resolves it otherwise is refused rather than mixing the two in one dataset).
     """
 
     n: int
@@ -54,6 +58,7 @@ class GenerationConfig:
     fmt: str = "folder"
     shard_size: int = 1000
     min_class_fraction: dict[str, float] = field(default_factory=dict)
+    label_precision: str = "auto"
 
     def __post_init__(self):
         if self.n < 1:
@@ -67,6 +72,9 @@ class GenerationConfig:
                 raise UsageError(f"min class fraction for {name!r} must be in (0, 1], got {f}")
         if len(self.min_class_fraction) > 1:
             raise UsageError("one --min-class-fraction class per run is supported")
+        if self.label_precision not in LABEL_PRECISIONS:
+            raise UsageError(f"label precision must be one of {', '.join(LABEL_PRECISIONS)}, "
+                             f"got {self.label_precision!r}")
 
 
 # Class quotas draw at most this many candidates per requested sample before giving up with an error.
@@ -95,7 +103,7 @@ def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
 
     indices = list(range(batch * config.batch, (batch + 1) * config.batch))
     z = latents_for_seeds(config.seed, indices, model.G.z_dim)
-    result = model.predict_z(z, truncation_psi=config.truncation)
+    result = model.predict_z(z, truncation_psi=config.truncation, precision=config.label_precision)
     seg = segmentation_task(model)
     card = file_card(model)
     samples = []
@@ -192,6 +200,8 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
     seg = segmentation_task(model)
     classes = seg.classes if seg is not None else []
     check_config(config, [t.name for t in model.tasks], classes)
+    dtype = label_map_dtype(config.label_precision, model.ensemble.weight1.device)
+    config = dataclasses.replace(config, label_precision=precision_name(dtype))
     out = Path(out)
     rank, world = distributed.init()
     with output_lock(out) if rank == 0 else contextlib.nullcontext():

@@ -78,6 +78,7 @@ class GenerationSettings(Section):
     format: Literal["folder", "webdataset"] = "folder"
     keep_filtered: bool = False
     min_class_fraction: dict[str, float] = Field(default_factory=dict, max_length=1)
+    label_precision: Literal["auto", "fp32", "bf16"] = "auto"  # label maps' arithmetic (generate --label-precision)
 
     @field_validator("min_class_fraction")
     @classmethod

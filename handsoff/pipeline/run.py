@@ -186,7 +186,8 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                                                           filter_top=gen.filter_top, filter_by=gen.filter_by,
                                                           batch=gen.batch, fmt=gen.format,
                                                           keep_filtered=gen.keep_filtered,
-                                                          min_class_fraction=gen.min_class_fraction),
+                                                          min_class_fraction=gen.min_class_fraction,
+                                                          label_precision=gen.label_precision),
                          progress=progress, source=label_generator_source(lg_dir))
 
     def downstream(method: str, train_dirs: list[Path], val_dir: Path, prepare=None) -> Stage:
