@@ -353,3 +353,19 @@ def test_a_run_resumed_on_changed_inputs_is_refused(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "inputs.json: this run was started with other labeled" in err and "\n" not in err
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_image_folders_skip_hidden_and_half_written_files(tmp_path):
+    """A killed writer's temporary file (".NAME.png.tmp.png", half-written) and macOS's "._NAME.png" are not images
+    to train on or invert; images in subfolders are."""
+    from handsoff.data.images import ImageFolder
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for name in ("b.png", "sub/a.png", ".cache/c.png"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name)
+    (tmp_path / ".b.png.tmp.png").write_bytes(b"\x89PNG half-written")
+    (tmp_path / "._b.png").write_bytes(b"resource fork")
+    folder = ImageFolder(tmp_path, 8)
+    assert folder.names == ["b", "sub/a"]
+    assert folder.batch([0, 1]).shape == (2, 3, 8, 8)
