@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = DEMO["downstream"]
     p.add_argument("--domain", default="heads", choices=["heads"], help="the embedded domain")
-    p.add_argument("--labeled", type=_int_list, default=[16, 50], help="labeled-set sizes, comma-separated")
+    p.add_argument("--labeled", type=_int_list, default=[4, 16, 50], help="labeled-set sizes, comma-separated")
     p.add_argument("--seeds", type=POSITIVE_INT, default=3)
     p.add_argument("--out", default="runs/benchmark-heads")
     p.add_argument("--generated", type=POSITIVE_INT, default=DEMO["generated"],
