@@ -84,6 +84,7 @@ def check(sizes: dict, widths: dict, device: torch.device, batch: int) -> list[d
 
     from handsoff.inversion import DiscriminatorFeatureDistance, refine_latents
     from handsoff.label_generator import Depth, LabelGenerator, Segmentation, fit_label_generator
+    from handsoff.label_generator.model import label_map_dtype, precision_name
 
     reps, rows = sizes["reps"], []
     for resolution in sizes["generator"]:
@@ -97,9 +98,12 @@ def check(sizes: dict, widths: dict, device: torch.device, batch: int) -> list[d
         model = LabelGenerator(G, [Segmentation([f"c{i}" for i in range(8)]), Depth()], label_size,
                                members=10).to(device).eval()
         ws = G.mapping(torch.randn(2, G.z_dim, device=device), truncation_psi=0.7)
-        seconds = timed(lambda: model.predict(ws), device, reps)
-        rows.append(measure(f"labeled images, {resolution} px generator, {label_size} px labels", device,
-                            lambda: {"labeled_images_per_s": round(len(ws) / seconds, 3)}))
+        auto = precision_name(label_map_dtype("auto", device))
+        for precision in dict.fromkeys(["fp32", auto]):  # fp32, and what 'auto' takes here where that differs
+            seconds = timed(lambda: model.predict(ws, precision=precision), device, reps)
+            rows.append(measure(f"labeled images, {resolution} px generator, {label_size} px labels, {precision}"
+                                + (" (auto)" if precision == auto else ""), device,
+                                lambda: {"labeled_images_per_s": round(len(ws) / seconds, 3)}))
     resolution, n, steps = sizes["inversion"]
     from handsoff.generator import Discriminator
 
