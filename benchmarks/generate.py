@@ -24,7 +24,7 @@ import torch
 from handsoff.generation import GenerationConfig, generate_dataset
 from handsoff.generator.sampling import latents_for_seeds
 from handsoff.label_generator import load_label_generator
-from handsoff.label_generator.model import label_map_dtype, precision_name
+from handsoff.label_generator.model import LABEL_PRECISIONS, resolve_label_precision
 from handsoff.runtime import tune_allocator
 
 
@@ -38,13 +38,13 @@ def main() -> None:
                         help="also generate N images (after filtering) and compare their class frequencies with N "
                         "real rendered heads (heads label generators only)")
     parser.add_argument("--truncation", type=float, default=0.7)
-    parser.add_argument("--label-precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--label-precision", choices=LABEL_PRECISIONS, default="auto")
     args = parser.parse_args()
     tune_allocator()
     model = load_label_generator(args.label_generator)
     G = model.G
     z = latents_for_seeds(0, range(args.n), G.z_dim)
-    chosen = precision_name(label_map_dtype(args.label_precision, "cpu"))
+    chosen = resolve_label_precision(args.label_precision, "cpu")
     precisions = {"labeled": chosen, **({"labeled-fp32": "fp32"} if chosen != "fp32" else {})}
     rates = {"images": [], **{name: [] for name in precisions}}
     with torch.no_grad():

@@ -18,10 +18,10 @@ Each measurement runs in its own subprocess (so peak RSS is its own), with the t
   design's hypercolumns for the same 50 images (C x L x L x 4 bytes each, what the official code holds in RAM).
 
 Arithmetic: both designs in fp32, and also both in bf16 where handsoff's 'auto' label precision takes bf16 on this
-machine (bf16 matrix products measured faster than fp32: ``label_generator.model.label_map_dtype``). Speedups are
-reported with both designs in the same arithmetic: only then is the share of the bound meaningful. Where bf16 is
-the default, handsoff's default (factorized bf16) against the official design as it runs (materialized fp32) is
-printed too.
+machine (bf16 matrix products measured faster than fp32: ``label_generator.model.resolve_label_precision``).
+Speedups are reported with both designs in the same arithmetic: only then is the share of the bound meaningful.
+Where bf16 is the default, handsoff's default (factorized bf16) against the official design as it runs
+(materialized fp32) is printed too.
 
 FFHQ uses random weights (speed and memory do not depend on them). The last line,
 ``factorized speedup (fp32): N.Nx, training peak RSS: N.N GB``, is for 512 px labels and 50 images. Also printed:
@@ -72,18 +72,20 @@ def measure_predict(which: str, label_size: int, modes: list[str], reps: int) ->
     import torch
 
     from handsoff.label_generator.features import materialized_hypercolumns
+    from handsoff.label_generator.model import LABEL_DTYPES
 
     G = _generator(which)
     model = _model(G, label_size)
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)))
     e = model.ensemble
-    ensembles = {"fp32": e, "bf16": copy.deepcopy(e).to(torch.bfloat16)}
+    ensembles = {p: e if p == "fp32" else copy.deepcopy(e).to(LABEL_DTYPES[p])  # the materialized design's
+                 for design, p in map(str.split, modes) if design == "materialized"}
     times = {mode: {"features": [], "ensemble": []} for mode in modes}
     with torch.no_grad():
         for rep in range(reps + 1):  # the first repetition warms up and is not counted
             for mode in modes:
                 design, precision = mode.split()
-                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+                dtype = LABEL_DTYPES[precision]
                 t0 = time.perf_counter()
                 _, feats = model.features(ws)
                 t1 = time.perf_counter()
@@ -159,12 +161,14 @@ def run(kind: str, which: str, label_size: int, **kw) -> dict:
 
 
 def main() -> None:
+    from handsoff.label_generator.model import LABEL_PRECISIONS, resolve_label_precision
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--skip-ffhq", action="store_true")
     parser.add_argument("--skip-heads", action="store_true")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    parser.add_argument("--precision", choices=LABEL_PRECISIONS, default="auto",
                         help="label-map arithmetic to time beside fp32 (auto: bf16 where it measures faster)")
     parser.add_argument("--materialize-limit-gb", type=float, default=14.0,
                         help="skip the materialized run where its hypercolumn would exceed this")
@@ -181,10 +185,8 @@ def main() -> None:
 
     import torch
 
-    from handsoff.label_generator.model import label_map_dtype, precision_name
-
     # fp32, and bf16 where handsoff's 'auto' takes it on this machine (bf16 products measured faster than fp32).
-    chosen = precision_name(label_map_dtype(args.precision, "cpu"))
+    chosen = resolve_label_precision(args.precision, "cpu")
     precisions = ["fp32"] + (["bf16"] if chosen == "bf16" else [])
     print(f"label maps: --precision {args.precision} -> {chosen} on this CPU "
           f"({torch.get_num_threads()} threads)")

@@ -17,6 +17,7 @@ from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
 from handsoff.generator.trunk import Trunk
+from handsoff.label_generator.model import LABEL_PRECISIONS
 from handsoff.runtime import resolve_device
 from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES
 
@@ -646,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate until a share F of the samples contain CLASS (rejection sampling)")
     p.add_argument("--generator", help="use this generator instead of the one the label generator records")
     p.add_argument("--device", default="auto")
-    p.add_argument("--label-precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--label-precision", choices=LABEL_PRECISIONS, default="auto",
                    help="arithmetic of the label maps: auto takes bf16 on CUDA and on CPUs where bf16 matrix "
                    "products measure faster than fp32 (measured once per machine, cached); the choice is recorded "
                    "in dataset.json")

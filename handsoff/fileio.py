@@ -189,14 +189,22 @@ def fingerprint(*state_dicts) -> str:
     return digest.hexdigest()[:16]
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder``, sorted, except hidden ones (a name starting with "." anywhere below ``folder``):
+    a writer's temporary ".NAME.png.tmp.png" (``atomic_save``: half-written if its writer was killed, or still being
+    written beside a reader), lock files, macOS's "._NAME", folders such as ".progress/"."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def folder_fingerprint(folder: str | os.PathLike) -> str:
-    """A short SHA-256 of every file under ``folder`` (relative names and bytes; hidden files skipped): what
-    identifies a dataset a run used."""
+    """A short SHA-256 of every file under ``folder`` (relative names and bytes; hidden files skipped,
+    ``visible_files``): what identifies a dataset a run used."""
     import hashlib
 
     folder = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in visible_files(folder):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]

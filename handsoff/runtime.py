@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import sys
@@ -63,8 +64,9 @@ def release_memory() -> bool:
 REDUCED_PRECISION_MARGIN = 1.1
 
 
+@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's entries of /proc/cpuinfo (Linux); empty elsewhere."""
+    """The first processor's entries of /proc/cpuinfo (Linux; read once per process); empty elsewhere."""
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -174,8 +176,7 @@ def bf16_speedup(kind: str = "conv") -> float:
     import torch
 
     measure = {"conv": lambda: measure_bf16_speedup(), "matmul": lambda: measure_bf16_matmul_speedup()}[kind]
-    key = f"{cpu_key()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    key += "" if kind == "conv" else f" | {kind}"
+    key = f"{cpu_key()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {kind}"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())

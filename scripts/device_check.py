@@ -84,7 +84,7 @@ def check(sizes: dict, widths: dict, device: torch.device, batch: int) -> list[d
 
     from handsoff.inversion import DiscriminatorFeatureDistance, refine_latents
     from handsoff.label_generator import Depth, LabelGenerator, Segmentation, fit_label_generator
-    from handsoff.label_generator.model import label_map_dtype, precision_name
+    from handsoff.label_generator.model import resolve_label_precision
 
     reps, rows = sizes["reps"], []
     for resolution in sizes["generator"]:
@@ -98,7 +98,7 @@ def check(sizes: dict, widths: dict, device: torch.device, batch: int) -> list[d
         model = LabelGenerator(G, [Segmentation([f"c{i}" for i in range(8)]), Depth()], label_size,
                                members=10).to(device).eval()
         ws = G.mapping(torch.randn(2, G.z_dim, device=device), truncation_psi=0.7)
-        auto = precision_name(label_map_dtype("auto", device))
+        auto = resolve_label_precision("auto", device)
         for precision in dict.fromkeys(["fp32", auto]):  # fp32, and what 'auto' takes here where that differs
             seconds = timed(lambda: model.predict(ws, precision=precision), device, reps)
             rows.append(measure(f"labeled images, {resolution} px generator, {label_size} px labels, {precision}"

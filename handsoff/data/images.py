@@ -8,13 +8,14 @@ import numpy as np
 import torch
 
 from handsoff.data.layout import DatasetError, read_image
+from handsoff.fileio import visible_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class ImageFolder:
     """The images of a folder and its subfolders (its ``images/`` subfolder if it is a handsoff labeled dataset),
-    hidden files and folders excepted, read lazily.
+    hidden files and folders excepted (``fileio.visible_files``), read lazily.
 
     Every image must be readable as 8-bit RGB (``layout.to_rgb8``: grey, palette and 16-bit images convert
     exactly) and ``resolution`` x ``resolution``, or, with ``resize``, of any size (then resized to the square
@@ -29,10 +30,7 @@ class ImageFolder:
         if not root.is_dir():
             raise DatasetError(f"{root}: image folder does not exist")
         folder = root / "images" if (root / "dataset.json").is_file() and (root / "images").is_dir() else root
-        # Hidden files are skipped: a writer's temporary ".NAME.png.tmp.png" (``fileio.atomic_save``: half-written
-        # if its writer was killed, or still being written beside a reader) and macOS's "._NAME.png" are no images.
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        self.files = [p for p in visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
             raise DatasetError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
         self.root, self.resolution, self.resize = folder, resolution, resize

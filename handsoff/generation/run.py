@@ -27,7 +27,7 @@ from handsoff.data.webdataset import write_webdataset
 from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json, fingerprint, output_lock
 from handsoff.generator.sampling import latents_for_seeds
-from handsoff.label_generator.model import LABEL_PRECISIONS, label_map_dtype, precision_name
+from handsoff.label_generator.model import LABEL_PRECISIONS, resolve_label_precision
 from handsoff.metrics.labels import presence_pixels
 from handsoff.tasks import card_tasks, pixel_class_task, sample_tasks
 
@@ -200,8 +200,8 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
     seg = segmentation_task(model)
     classes = seg.classes if seg is not None else []
     check_config(config, [t.name for t in model.tasks], classes)
-    dtype = label_map_dtype(config.label_precision, model.ensemble.weight1.device)
-    config = dataclasses.replace(config, label_precision=precision_name(dtype))
+    precision = resolve_label_precision(config.label_precision, model.ensemble.weight1.device)
+    config = dataclasses.replace(config, label_precision=precision)
     out = Path(out)
     rank, world = distributed.init()
     with output_lock(out) if rank == 0 else contextlib.nullcontext():

@@ -34,28 +34,29 @@ PREDICT_FEATURE_BYTES = 256 * 2**20
 # generator (heads-64, 100 samples at psi 0.7): segmentation labels 99.98% of pixels identical (worst image
 # 99.93%), depth within 0.04 (0.4% of its mean), 99.5% of keypoints within 0.5 px (0.25% moved over 1 px: near-tied
 # heatmap peaks), uncertainty scores ranked alike (rank correlation 0.9999 segmentation, 0.98 keypoints).
-LABEL_PRECISIONS = ("auto", "fp32", "bf16")
+LABEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LABEL_PRECISIONS = ("auto", *LABEL_DTYPES)
 
 
-def label_map_dtype(precision: str, device) -> torch.dtype:
-    """The dtype of dense label maps on ``device`` for ``precision`` (one of ``LABEL_PRECISIONS``): 'auto' is bf16 on
-    CUDA cards that support it and on CPUs whose bf16 matrix products measured faster than float32
-    (``runtime.reduced_precision_pays(device, 'matmul')``: once per machine, cached), float32 elsewhere."""
+def resolve_label_precision(precision: str, device) -> str:
+    """'fp32' or 'bf16' for ``precision`` (one of ``LABEL_PRECISIONS``) on ``device``: 'auto' is bf16 on CUDA cards
+    that support it and on CPUs whose bf16 matrix products measured faster than float32
+    (``runtime.reduced_precision_pays(device, 'matmul')``: once per machine, cached), fp32 elsewhere."""
     from handsoff.runtime import reduced_precision_pays
 
     if precision not in LABEL_PRECISIONS:
         raise ValueError(f"label precision must be one of {', '.join(LABEL_PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
     device = torch.device(device)
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        else:
-            precision = "bf16" if device.type == "cpu" and reduced_precision_pays(device, "matmul") else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and reduced_precision_pays(device, "matmul") else "fp32"
 
 
-def precision_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+def label_map_dtype(precision: str, device) -> torch.dtype:
+    """The dtype of dense label maps for ``precision`` on ``device`` (see ``resolve_label_precision``)."""
+    return LABEL_DTYPES[resolve_label_precision(precision, device)]
 
 
 def feature_bytes_per_image(G: Trunk) -> int:
@@ -98,6 +99,11 @@ class MLPEnsemble(nn.Module):
         w2, b2 = self._fold(self.bn1, self.weight2[members], self.bias2[members], members)
         w3, b3 = self._fold(self.bn2, self.weight3[members], self.bias3[members], members)
         return w2, b2, w3, b3
+
+    def inference_parameters(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """Eval-mode parameters of every member in ``dtype``: (weight1 (M * hidden, C), bias1 (M * hidden,)) and
+        ``folded()``'s four, for ``LabelGenerator.dense_outputs``."""
+        return tuple(t.to(dtype) for t in (self.weight1, self.bias1, *self.folded()))
 
     def forward_hidden(self, h: torch.Tensor, members: slice | None = None,
                        folded: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -171,9 +177,11 @@ class LabelGenerator(nn.Module):
 
     @torch.no_grad()
     def dense_outputs(self, features: list[torch.Tensor], memory_gb: float = 1.0, band: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, parameters: tuple[torch.Tensor, ...] | None = None
+                      ) -> torch.Tensor:
         """Outputs at every label pixel: (B, M, out_channels, L, L) float32, computed in ``dtype`` (float32 or
-        bfloat16: see ``LABEL_PRECISIONS``).
+        bfloat16: see ``LABEL_PRECISIONS``). ``parameters``: ``ensemble.inference_parameters(dtype)``, for callers
+        that run many images (by default computed here).
 
         The first layer runs in bands of label rows (``first_layer_bands``) and each band goes through the rest
         of the ensemble at once, so no full-size hidden map is ever held. Members are independent: the native-
@@ -182,6 +190,7 @@ class LabelGenerator(nn.Module):
         """
         self.eval()
         e, size = self.ensemble, self.label_size
+        weight1, bias1, *folded = parameters or e.inference_parameters(dtype)
         batch = features[0].shape[0]
         features = [f.to(dtype) for f in features]
         native_pixels = sum(g.resolution**2 for g in self.groups if g.resolution < size) or 1
@@ -191,10 +200,9 @@ class LabelGenerator(nn.Module):
         for m0 in range(0, e.members, chunk):
             members = slice(m0, min(m0 + chunk, e.members))
             weights = slice(members.start * e.hidden, members.stop * e.hidden)
-            folded = tuple(t.to(dtype) for t in e.folded(members))
-            for rows, h in first_layer_bands(features, self.groups, e.weight1[weights].to(dtype),
-                                             e.bias1[weights].to(dtype), size, band):
-                o = e.forward_hidden(h.reshape(-1, h.shape[-1]), members, folded)  # (B * rows * L, M', O)
+            layers = tuple(t[members] for t in folded)
+            for rows, h in first_layer_bands(features, self.groups, weight1[weights], bias1[weights], size, band):
+                o = e.forward_hidden(h.reshape(-1, h.shape[-1]), members, layers)  # (B * rows * L, M', O)
                 out[:, rows.start:rows.stop, :, members] = o.view(batch, len(rows), size, *o.shape[1:])
         return out.permute(0, 3, 4, 1, 2).contiguous()
 
@@ -205,6 +213,7 @@ class LabelGenerator(nn.Module):
         ``precision``: the label maps' arithmetic (``LABEL_PRECISIONS``)."""
         ws = ws.to(self.ensemble.weight1.device)
         dtype = label_map_dtype(precision, ws.device)
+        parameters = self.ensemble.inference_parameters(dtype)  # once, not per image
         chunk = max(1, PREDICT_FEATURE_BYTES // feature_bytes_per_image(self.G))
         result = {"images": [], "label_size": self.label_size, "tasks": self.tasks,
                   **{task.name: [] for task in self.tasks}}
@@ -214,7 +223,7 @@ class LabelGenerator(nn.Module):
             for i in range(len(images)):
                 # One image's outputs at a time: (M, O, L, L) is 0.65 GB for 10 members and 25 channels at 256 px,
                 # so a whole batch of them (and their decoding) would set the peak memory of generation and fitting.
-                outputs = self.dense_outputs([f[i:i + 1] for f in feats], dtype=dtype)[0]
+                outputs = self.dense_outputs([f[i:i + 1] for f in feats], dtype=dtype, parameters=parameters)[0]
                 for task in self.tasks:
                     result[task.name].append(task.decode(outputs[:, self.slices[task.name]]))
             del images, feats

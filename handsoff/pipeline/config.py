@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handsoff.data.layout import DatasetError
 from handsoff.errors import MissingInputError
+from handsoff.label_generator.model import LABEL_PRECISIONS
 from handsoff.tasks import DEFAULT_TASKS, KEYPOINT_SIGMA, TASK_NAMES, TASKS, pixel_class_task
 
 TaskName = Literal[TASK_NAMES]  # the registered tasks (handsoff.tasks.TASKS)
@@ -78,7 +79,7 @@ class GenerationSettings(Section):
     format: Literal["folder", "webdataset"] = "folder"
     keep_filtered: bool = False
     min_class_fraction: dict[str, float] = Field(default_factory=dict, max_length=1)
-    label_precision: Literal["auto", "fp32", "bf16"] = "auto"  # label maps' arithmetic (generate --label-precision)
+    label_precision: Literal[LABEL_PRECISIONS] = "auto"  # label maps' arithmetic (generate --label-precision)
 
     @field_validator("min_class_fraction")
     @classmethod
