@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from handsoff.domains.heads import FRAMINGS
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
@@ -348,8 +349,8 @@ def cmd_render_heads(args) -> int:
     from handsoff.domains.heads import write_heads_dataset
 
     out = write_heads_dataset(args.out, args.n, seed=args.seed, size=args.size, start=args.start,
-                              batch=args.batch, overwrite=args.force)
-    print(f"wrote {args.n} labeled heads to {out}")
+                              batch=args.batch, overwrite=args.force, framing=args.framing)
+    print(f"wrote {args.n} labeled heads ({args.framing} framing) to {out}")
     return 0
 
 
@@ -693,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=POSITIVE_INT, default=64)
     p.add_argument("--batch", type=POSITIVE_INT, default=32)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.add_argument("--framing", choices=list(FRAMINGS), default="bust",
+                   help="bust: heads and shoulders anywhere in a cluttered frame (the original domain); portrait: "
+                        "faces centred and 2x closer, as aligned-face datasets crop them")
     p.set_defaults(func=cmd_render_heads, writes="out")
 
     p = sub.add_parser("import-data", help="convert labeled data (HandsOff faces, COCO, colour masks) to the "

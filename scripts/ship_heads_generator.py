@@ -2,6 +2,7 @@
 
     python scripts/ship_heads_generator.py runs/heads-64                # evaluate new snapshots, ship the best
     python scripts/ship_heads_generator.py runs/heads-64 --last 3 --n 2000
+    python scripts/ship_heads_generator.py runs/heads-portrait-64 --framing portrait   # -> heads-portrait-64
 
 For each ``network-*`` snapshot not yet evaluated (results cached in RUN/fpd.json), computes the Frechet probe
 distance against real rendered heads (see handsoff.metrics.gan_quality) and the real-vs-real floor with the
@@ -21,16 +22,19 @@ from handsoff.domains import heads
 from handsoff.fileio import atomic_save
 from handsoff.generator import load_networks, save_networks
 from handsoff.generator.checkpoints import SHIPPED_DIR
-from handsoff.metrics.gan_quality import evaluate_generator, format_report, generate, render_real
+from handsoff.metrics.gan_quality import evaluate_generator, format_report, generate, probe_name, render_real
 from handsoff.metrics.probe import load_probe
 from handsoff.runtime import tune_allocator
 from handsoff.visualize import image_grid, save_image_atomic
 
 ROOT = Path(__file__).parents[1]
-PROBE = SHIPPED_DIR / "probes" / "heads-64"
-TRAINING_COMMAND = ("handsoff render-heads --out runs/heads-gan-50k --n 50000 --seed 4 --size 64 && "
-                    "handsoff train-gan --data runs/heads-gan-50k --out runs/heads-64 --size 64 --images 5000000 "
-                    "--snapshot 20000 --tick 4000 --seed 0")
+
+
+def training_command(framing: str) -> str:
+    name, flag = ("heads", "") if framing == "bust" else (f"{framing}", f" --framing {framing}")
+    return (f"handsoff render-heads --out runs/{name}-gan-50k --n 50000 --seed 4 --size 64{flag} && "
+            f"handsoff train-gan --data runs/{name}-gan-50k --out runs/{probe_name(framing)} --size 64 "
+            "--images 5000000 --snapshot 20000 --tick 4000 --seed 0")
 
 
 def main() -> None:
@@ -39,15 +43,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="images per set for the Frechet distance")
     parser.add_argument("--last", type=int, default=2, help="evaluate at most this many newest snapshots")
     parser.add_argument("--no-ship", action="store_true")
+    parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust",
+                        help="the heads framing the run was trained on (bust ships heads-64, portrait "
+                             "heads-portrait-64); measured with that framing's probe and real heads")
     args = parser.parse_args()
+    name = probe_name(args.framing)  # generator and probe share the name
     tune_allocator()
     torch.set_grad_enabled(False)
 
     cache_path = args.run / "fpd.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    probe = load_probe(PROBE)
+    probe = load_probe(SHIPPED_DIR / "probes" / name)
     seed_ref = heads.SPLIT_SEEDS["reference"]
-    reals = (render_real(seed_ref, 0, args.n)[0], render_real(seed_ref, args.n, args.n)[0])
+    reals = tuple(render_real(seed_ref, first, args.n, framing=args.framing)[0] for first in (0, args.n))
     snapshots = sorted(p for p in args.run.glob("network-*") if p.is_dir())
     for snap in [s for s in snapshots if s.name not in cache][-args.last:]:
         G = load_networks(snap).generator
@@ -61,22 +69,24 @@ def main() -> None:
 
     best_name = min(cache, key=lambda k: cache[k]["fpd"])
     best = cache[best_name]
-    shipped = SHIPPED_DIR / "heads-64"
+    shipped = SHIPPED_DIR / name
     if (shipped / "config.json").exists():
         current = json.loads((shipped / "config.json").read_text())["metadata"].get("figures", {})
         if current.get("fpd", float("inf")) <= best["fpd"] and current.get("n") == best["n"]:
-            print(f"shipped heads-64 (FPD {current['fpd']:.3f}) is at least as good as {best_name}; kept")
+            print(f"shipped {name} (FPD {current['fpd']:.3f}) is at least as good as {best_name}; kept")
             return
     nets = load_networks(args.run / best_name)
     training = json.loads((args.run / best_name / "config.json").read_text())["metadata"].get("training", {})
-    metadata = {"name": "heads-64", "trained_on": "50,000 rendered heads, seed 4 (the 'gan' split), 64 px",
-                "training_command": TRAINING_COMMAND, "images_seen": best["images_seen"], "snapshot": best_name,
+    metadata = {"name": name, "framing": args.framing,
+                "trained_on": f"50,000 rendered heads, seed 4 (the 'gan' split), 64 px, {args.framing} framing",
+                "training_command": training_command(args.framing), "images_seen": best["images_seen"],
+                "snapshot": best_name,
                 "training": training, "figures": {k: best[k] for k in ("n", "fpd", "fpd_real_floor", "fpd_ratio")},
                 "class_statistics": best["classes"]}
     save_networks(shipped, nets.generator, nets.discriminator, metadata=metadata, overwrite=True)
     images = generate(nets.generator, 32, seed=0, truncation=1.0, progress=False)
-    save_image_atomic(image_grid(images, columns=8), ROOT / "docs" / "heads-64-samples.png")
-    print(f"shipped {best_name} as heads-64: FPD {best['fpd']:.3f} (floor {best['fpd_real_floor']:.3f}, "
+    save_image_atomic(image_grid(images, columns=8), ROOT / "docs" / f"{name}-samples.png")
+    print(f"shipped {best_name} as {name}: FPD {best['fpd']:.3f} (floor {best['fpd_real_floor']:.3f}, "
           f"{best['fpd_ratio']:.2f}x), {best['images_seen']} images seen")
 
 

@@ -1,6 +1,7 @@
 """Train the measuring probe shipped in handsoff/weights/probes/heads-64 (see handsoff.metrics.probe).
 
     python scripts/train_heads_probe.py [--n 6000] [--epochs 6] [--out handsoff/weights/probes/heads-64]
+    python scripts/train_heads_probe.py --framing portrait     # -> handsoff/weights/probes/heads-portrait-64
 
 Trains on the renderer's oracle split and reports, on 1,000 images of the (disjoint) reference split, the
 oracle segmenter's pixel accuracy and mIoU and the factor regression's R^2.
@@ -8,13 +9,13 @@ oracle segmenter's pixel accuracy and mIoU and the factor regression's R^2.
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from handsoff.domains import heads
-from handsoff.metrics.gan_quality import render_real, train_heads_probe
+from handsoff.generator.checkpoints import SHIPPED_DIR
+from handsoff.metrics.gan_quality import probe_name, render_real, train_heads_probe
 from handsoff.metrics.probe import save_probe
 from handsoff.runtime import tune_allocator
 
@@ -23,14 +24,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--out", default=str(Path(__file__).parents[1] / "handsoff/weights/probes/heads-64"))
+    parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust")
+    parser.add_argument("--out", help="default: handsoff/weights/probes/heads-64 (bust) or heads-portrait-64")
     args = parser.parse_args()
+    out = args.out or str(SHIPPED_DIR / "probes" / probe_name(args.framing))
     tune_allocator()
     t0 = time.perf_counter()
-    probe = train_heads_probe(n=args.n, epochs=args.epochs)
+    probe = train_heads_probe(n=args.n, epochs=args.epochs, framing=args.framing)
     seconds = time.perf_counter() - t0
 
-    images, masks, factors = render_real(heads.SPLIT_SEEDS["reference"], 0, 1000)
+    images, masks, factors = render_real(heads.SPLIT_SEEDS["reference"], 0, 1000, framing=args.framing)
     pred = probe.segment(images)
     k = len(heads.CLASSES)
     inter = torch.bincount((masks * k + pred).reshape(-1), minlength=k * k).reshape(k, k).double()
@@ -45,8 +48,9 @@ def main() -> None:
                "iou": {c: round(float(v), 4) for c, v in zip(heads.CLASSES, iou)},
                "factor_r2_median": float(np.median(r2)), "train_images": args.n, "epochs": args.epochs,
                "train_seconds": round(seconds)}
-    save_probe(probe, args.out, metadata={"trained_on": f"heads oracle split (seed {heads.SPLIT_SEEDS['oracle']}), "
-                                          f"{args.n} images", "reference_split_metrics": metrics})
+    save_probe(probe, out, metadata={"trained_on": f"heads oracle split (seed {heads.SPLIT_SEEDS['oracle']}), "
+                                     f"{args.n} images, {args.framing} framing", "framing": args.framing,
+                                     "reference_split_metrics": metrics})
     print(metrics)
 
 

@@ -147,3 +147,42 @@ def test_crop_resize_keeps_labels_consistent(tmp_path):
     assert torch.equal(ds[0]["mask"], s["mask"])  # same seed, epoch and index: same augmentation
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["image"], s["image"])
+
+
+def test_portrait_framing_centres_faces_and_enlarges_the_small_parts(tmp_path):
+    indices = range(48)
+    bust, portrait = render_heads(7, indices, 64), render_heads(7, indices, 64, framing="portrait")
+    # The same scenes (one random stream): only the head's placement and the lens differ.
+    for b, p in zip(bust.factors, portrait.factors):
+        assert p["framing"] == "portrait" and "framing" not in b
+        assert {k: v for k, v in p.items() if not k.startswith("head_") and k != "framing"} == \
+            {k: v for k, v in b.items() if not k.startswith("head_")}
+    # Centred: the face point projects within ~2 px of the image centre (jitter 0.04 at depth >= 4.6).
+    centres = []
+    for f in portrait.factors:
+        pose = heads._rotation(*(np.radians(f[k]) for k in ("yaw", "pitch", "roll")))
+        point = np.array([f["head_x"], f["head_y"], f["head_z"]]) + pose @ heads.PORTRAIT_CENTRE * f["head_scale"]
+        centres.append(heads.project(point, 64, heads.FRAMINGS["portrait"]))
+    assert np.abs(np.array(centres) - 32).max() < 2.2
+    eye = CLASSES.index("eye")
+    assert (np.abs(portrait.keypoints[:, KEYPOINTS.index("nose_tip"), :2] - 32) < 16).all()
+    # Eyes, noses and mouths cover over 2.5x the pixels of the bust framing.
+    for name in ("eye", "nose", "mouth"):
+        c = CLASSES.index(name)
+        assert (portrait.masks == c).sum() > 2.5 * (bust.masks == c).sum(), name
+    assert (portrait.masks == eye).reshape(48, -1).any(1).mean() > 0.9
+    # Keypoints still follow the rendering: the visible ones lie on the surface the label ray hit.
+    visible = np.argwhere(portrait.keypoints[..., 2] == 2)
+    xy = portrait.keypoints[visible[:, 0], visible[:, 1], :2].astype(int).clip(0, 63)
+    depth = portrait.depth[visible[:, 0], xy[:, 1], xy[:, 0]]
+    z = portrait.points3d[visible[:, 0], visible[:, 1], 2]
+    assert np.median(np.abs(depth - z) / z) < 0.01
+    # Written datasets record the framing; bust cards stay as they were.
+    out = write_heads_dataset(tmp_path / "p", n=2, seed=7, size=64, progress=False, framing="portrait")
+    assert LabeledFolder(out).card.source["framing"] == "portrait"
+    assert np.array_equal(LabeledFolder(out).load(LabeledFolder(out).names[1])["image"], portrait.images[1])
+    assert "framing" not in heads.dataset_card(64, 7).source
+    with pytest.raises(ValueError, match="framing"):
+        render_heads(7, [0], 64, framing="close-up")
+    with pytest.raises(ValueError, match="one framing"):
+        heads.render_factors([bust.factors[0], portrait.factors[0]], 64)

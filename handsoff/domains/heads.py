@@ -48,7 +48,15 @@ GLASSES_RATE, HAT_RATE = 0.10, 0.05
 CLS = {name: i for i, name in enumerate(CLASSES)}
 # Surface textures, applied in a primitive's unit-sphere coordinates.
 TEX_NONE, TEX_EYE, TEX_MOUTH, TEX_HAIR, TEX_CLOTH = range(5)
-FOCAL = 2.4  # focal length in units of half the image width (about a 45 degree field of view)
+# Framings of the camera: focal length in units of half the image width. "bust" (the original framing, the
+# default): a 45 degree field of view, heads placed anywhere in the middle of the frame at about 40% of its width,
+# shoulders and a cluttered wall around them. "portrait": a 2x longer lens and every face centred on the optical
+# axis (a point between the eyes and the mouth, within a few pixels), as aligned-face datasets (FFHQ, CelebA-HQ)
+# crop them: eyes, nose and mouth cover 2.5x the pixels, so a 64 px generator and judge can resolve them.
+FRAMINGS = {"bust": 2.4, "portrait": 4.8}
+FOCAL = FRAMINGS["bust"]
+# The head-local point a portrait puts on the optical axis (between the eyes at y = -0.08 and the mouth at 0.5).
+PORTRAIT_CENTRE = np.array([0.0, 0.15, -0.6])
 
 
 @dataclass
@@ -78,8 +86,26 @@ def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     return rz @ rx @ ry
 
 
-def sample_factors(rng: np.random.Generator) -> dict:
-    """All random choices of one scene, as plain JSON-able values (they are saved for analysis)."""
+def sample_factors(rng: np.random.Generator, framing: str = "bust") -> dict:
+    """All random choices of one scene, as plain JSON-able values (they are saved for analysis).
+
+    A "portrait" draws the same values as a "bust" from the same stream, then re-places the head so that its face
+    is centred (``PORTRAIT_CENTRE`` on the optical axis, jittered by a few hundredths) at a depth of 4.6-5.0; the
+    factors record the framing, which ``render_factors`` reads.
+    """
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+    factors = _sample_bust(rng)
+    if framing == "portrait":
+        pose = _rotation(math.radians(factors["yaw"]), math.radians(factors["pitch"]), math.radians(factors["roll"]))
+        face = pose @ PORTRAIT_CENTRE * factors["head_scale"]
+        jitter_x, jitter_y, depth = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(4.6, 5.0)
+        factors.update(head_x=float(jitter_x - face[0]), head_y=float(jitter_y - face[1]),
+                       head_z=float(depth - face[2]), framing="portrait")
+    return factors
+
+
+def _sample_bust(rng: np.random.Generator) -> dict:
     u = rng.uniform
 
     def colour(lo, hi):
@@ -380,9 +406,9 @@ def _shade(scene, factors, dirs, t, index, far):
     return colour.clamp(0, 1), classes, depth
 
 
-def _pixel_rays(size: int, offsets: list[tuple[float, float]]) -> torch.Tensor:
+def _pixel_rays(size: int, offsets: list[tuple[float, float]], focal: float = FOCAL) -> torch.Tensor:
     """(len(offsets) * size * size, 3) ray directions (z = 1) through sub-pixel positions of every pixel."""
-    f = FOCAL * size / 2
+    f = focal * size / 2
     v, u = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                           indexing="ij")
     rays = []
@@ -393,9 +419,9 @@ def _pixel_rays(size: int, offsets: list[tuple[float, float]]) -> torch.Tensor:
     return torch.cat(rays)
 
 
-def project(points: np.ndarray, size: int) -> np.ndarray:
+def project(points: np.ndarray, size: int, focal: float = FOCAL) -> np.ndarray:
     """Camera-space points (..., 3) -> pixel coordinates (..., 2) (continuous; pixel centres at +0.5)."""
-    f = FOCAL * size / 2
+    f = focal * size / 2
     return points[..., :2] / points[..., 2:3] * f + size / 2
 
 
@@ -418,11 +444,15 @@ SUPERSAMPLES = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
 
 @torch.no_grad()
 def render_factors(factors: list[dict], size: int = 64) -> RenderedHeads:
-    """Render scenes given their factors (see ``sample_factors``)."""
+    """Render scenes given their factors (see ``sample_factors``; all of one framing)."""
+    framings = {f.get("framing", "bust") for f in factors}
+    if len(framings) != 1:
+        raise ValueError(f"one batch renders one framing, got {sorted(framings)}")
+    focal = FRAMINGS[framings.pop()]
     scenes, kps = zip(*(build_scene(f) for f in factors))
     scene = _pack(list(scenes))
     b, n = len(factors), size * size
-    dirs = _pixel_rays(size, SUPERSAMPLES + [(0.5, 0.5)])
+    dirs = _pixel_rays(size, SUPERSAMPLES + [(0.5, 0.5)], focal)
     t, index, far = cast_rays(scene, dirs)
     colour, classes, depth = _shade(scene, factors, dirs, t, index, far)
     image = colour[:, :4 * n].reshape(b, 4, size, size, 3).mean(1)
@@ -435,16 +465,16 @@ def render_factors(factors: list[dict], size: int = 64) -> RenderedHeads:
     kp_dirs = torch.from_numpy(points / points[..., 2:3]).float()
     t_kp, _, _ = cast_rays(scene, kp_dirs)
     visible = t_kp.numpy() >= points[..., 2] * (1 - 1e-4)
-    xy = project(points, size)
+    xy = project(points, size, focal)
     inside = (xy >= 0).all(-1) & (xy < size).all(-1)
     v = np.where(inside, np.where(visible, 2, 1), 0)
     keypoints = np.concatenate([xy, v[..., None]], -1).astype(np.float32)
     return RenderedHeads(images, masks, depth, keypoints, points.astype(np.float32), list(factors))
 
 
-def render_heads(seed: int, indices, size: int = 64) -> RenderedHeads:
+def render_heads(seed: int, indices, size: int = 64, framing: str = "bust") -> RenderedHeads:
     """Render the scenes of the given global indices for ``seed`` (each from its own (seed, index) stream)."""
-    factors = [sample_factors(np.random.default_rng([int(seed), int(i)])) for i in indices]
+    factors = [sample_factors(np.random.default_rng([int(seed), int(i)]), framing) for i in indices]
     return render_factors(factors, size)
 
 
@@ -462,24 +492,26 @@ def probe_targets(factors: list[dict], masks: np.ndarray) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def dataset_card(size: int, seed: int) -> DatasetCard:
+def dataset_card(size: int, seed: int, framing: str = "bust") -> DatasetCard:
     """The dataset card of rendered heads: classes, keypoints and how depth is stored."""
+    source = {"domain": "heads", "renderer": "handsoff.domains.heads", "size": size, "seed": seed}
+    if framing != "bust":  # bust datasets' cards stay as they were written before framings existed
+        source["framing"] = framing
     return DatasetCard(classes=list(CLASSES), colors=list(CLASS_COLORS), keypoint_names=list(KEYPOINTS),
                        skeleton=list(SKELETON), keypoint_flip_pairs=list(FLIP_PAIRS), depth_format="npy",
-                       depth_unit="scene units (camera z)",
-                       source={"domain": "heads", "renderer": "handsoff.domains.heads", "size": size, "seed": seed})
+                       depth_unit="scene units (camera z)", source=source)
 
 
 def write_heads_dataset(out, n: int, seed: int = 0, size: int = 64, start: int = 0, batch: int = 32,
-                        overwrite: bool = False, progress: bool = True):
+                        overwrite: bool = False, progress: bool = True, framing: str = "bust"):
     """Render images ``start .. start + n - 1`` of ``seed`` into the standard layout at ``out``."""
     from tqdm import tqdm
 
-    writer = DatasetWriter(out, dataset_card(size, seed), overwrite=overwrite)
+    writer = DatasetWriter(out, dataset_card(size, seed, framing), overwrite=overwrite)
     with tqdm(total=n, desc="rendering heads", unit="img", disable=not progress) as bar:
         for first in range(start, start + n, batch):
             indices = range(first, min(first + batch, start + n))
-            r = render_heads(seed, indices, size)
+            r = render_heads(seed, indices, size, framing)
             for j, i in enumerate(indices):
                 writer.add(f"{seed:04d}_{i:07d}", r.images[j], mask=r.masks[j], depth=r.depth[j],
                            keypoints=r.keypoints[j], factors={"index": i, **r.factors[j]})

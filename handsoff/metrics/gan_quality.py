@@ -23,14 +23,14 @@ from handsoff.metrics.labels import PRESENCE_FRACTION
 from handsoff.metrics.probe import Probe, train_probe
 
 
-def render_real(seed: int, start: int, n: int, size: int = 64, batch: int = 64,
-                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Rendered heads start..start+n-1 of ``seed``: images (n, 3, size, size) in [-1, 1], masks (n, size, size)
-    int64, factors."""
+def render_real(seed: int, start: int, n: int, size: int = 64, batch: int = 64, progress: bool = True,
+                framing: str = "bust") -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Rendered heads start..start+n-1 of ``seed`` in ``framing`` (``heads.FRAMINGS``): images (n, 3, size, size)
+    in [-1, 1], masks (n, size, size) int64, factors."""
     images, masks, factors = [], [], []
     with tqdm(total=n, desc=f"rendering real heads (seed {seed})", unit="img", disable=not progress) as bar:
         for first in range(start, start + n, batch):
-            r = heads.render_heads(seed, range(first, min(first + batch, start + n)), size)
+            r = heads.render_heads(seed, range(first, min(first + batch, start + n)), size, framing)
             images.append(torch.from_numpy(r.images).permute(0, 3, 1, 2).float() / 127.5 - 1)
             masks.append(torch.from_numpy(r.masks).long())
             factors += r.factors
@@ -38,12 +38,17 @@ def render_real(seed: int, start: int, n: int, size: int = 64, batch: int = 64,
     return torch.cat(images), torch.cat(masks), factors
 
 
-def train_heads_probe(n: int = 6000, size: int = 64, epochs: int = 6, seed: int = 0,
-                      progress: bool = True) -> Probe:
-    """A probe trained on n real rendered heads of the oracle split."""
-    images, masks, factors = render_real(heads.SPLIT_SEEDS["oracle"], 0, n, size, progress=progress)
+def train_heads_probe(n: int = 6000, size: int = 64, epochs: int = 6, seed: int = 0, progress: bool = True,
+                      framing: str = "bust") -> Probe:
+    """A probe trained on n real rendered heads of the oracle split, in ``framing``."""
+    images, masks, factors = render_real(heads.SPLIT_SEEDS["oracle"], 0, n, size, progress=progress, framing=framing)
     targets = heads.probe_targets(factors, masks.numpy())
     return train_probe(images, masks, targets, len(heads.CLASSES), epochs=epochs, seed=seed, progress=progress)
+
+
+def probe_name(framing: str = "bust") -> str:
+    """The shipped probe (a folder under handsoff/weights/probes) that measures heads of ``framing``."""
+    return "heads-64" if framing == "bust" else f"heads-{framing}-64"
 
 
 def class_statistics(masks: torch.Tensor, n_classes: int) -> dict[str, np.ndarray]:
@@ -70,16 +75,17 @@ def generate(G: Trunk, n: int, seed: int, truncation: float = 1.0, batch: int = 
 
 
 def evaluate_generator(G: Trunk, probe: Probe, n: int = 2000, seed: int = 0, truncation: float = 1.0,
-                       progress: bool = True, reals: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                       progress: bool = True, reals: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       framing: str = "bust") -> dict:
     """FPD of G vs real heads, the real-vs-real floor, and class statistics of generated vs real images.
 
     ``reals`` may pass two disjoint real image sets (n each) to reuse across generators; by default they are
-    rendered from the reference split (indices 0..n-1 and n..2n-1).
+    rendered from the reference split (indices 0..n-1 and n..2n-1) in ``framing`` (the probe's).
     """
     if reals is None:
         seed_ref = heads.SPLIT_SEEDS["reference"]
-        reals = (render_real(seed_ref, 0, n, G.img_resolution, progress=progress)[0],
-                 render_real(seed_ref, n, n, G.img_resolution, progress=progress)[0])
+        reals = tuple(render_real(seed_ref, first, n, G.img_resolution, progress=progress, framing=framing)[0]
+                      for first in (0, n))
     real_a, real_b = reals
     fakes = generate(G, n, seed, truncation, progress=progress)
     (feats_a, masks_a), (feats_g, masks_g) = probe.analyze(real_a), probe.analyze(fakes)
