@@ -106,12 +106,22 @@ def _summary(results: dict) -> str:
     return results_table(comparison(results["methods"]))
 
 
+def _add_framing_options(p) -> None:
+    from handsoff.pipeline.benchmark import HEADS_GENERATORS
+
+    p.add_argument("--framing", choices=list(FRAMINGS), default="bust",
+                   help="of the rendered heads: bust (the original domain) or portrait (centred faces, 2x closer)")
+    p.add_argument("--generator", help="generator name or folder (default: the framing's shipped one, "
+                   f"{', '.join(f'{k}: {v}' for k, v in HEADS_GENERATORS.items())})")
+
+
 def cmd_demo(args) -> int:
     """Every stage on the embedded heads domain, from the shipped generator: see handsoff.pipeline.benchmark."""
     from handsoff.pipeline.benchmark import run_demo
 
     t0 = time.perf_counter()
-    results = run_demo(args.out, seed=args.seed, device=args.device, progress=not args.quiet)
+    results = run_demo(args.out, seed=args.seed, device=args.device, progress=not args.quiet, framing=args.framing,
+                       generator=args.generator)
     out = Path(args.out)
     print(f"\nHandsOff demo ({time.perf_counter() - t0:.0f} s): downstream network on "
           f"{results['settings']['test'] and 'real test heads'}\n{_summary(results)}")
@@ -166,7 +176,7 @@ def cmd_benchmark(args) -> int:
     results = run_benchmark(args.out, labeled=args.labeled, seeds=args.seeds,
                             validation=args.validation, test=args.test, oracle=args.oracle,
                             generated=args.generated, settings=settings, device=args.device,
-                            progress=not args.quiet)
+                            framing=args.framing, generator=args.generator, progress=not args.quiet)
     from handsoff.metrics.labels import results_table
 
     print(f"\n{results['seeds']} seed(s), mean ± std, {results['downstream_init']}\n"
@@ -446,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_framing_options(p)
     p.set_defaults(func=cmd_demo, writes="out")
 
     p = sub.add_parser("run", help="every stage for your own domain, from one config file (YAML)",
@@ -498,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true")
+    _add_framing_options(p)
     p.set_defaults(func=cmd_benchmark, writes="out")
 
     p = sub.add_parser("init-generator", help="save a randomly initialized StyleGAN2 (no download needed)")

@@ -191,3 +191,20 @@ def test_labeled_images_larger_than_the_generator(domain, tmp_path):
     sample = LabeledFolder(tmp_path / "run" / "dataset").load(LabeledFolder(tmp_path / "run" / "dataset").names[0])
     assert sample["image"].shape == (32, 32, 3) and sample["mask"].shape == (32, 32)
     assert set(results["methods"]) == {"handsoff", "transfer"}
+
+
+def test_benchmark_splits_are_rerendered_when_the_framing_changes(tmp_path):
+    import numpy as np
+
+    from handsoff.domains import heads
+    from handsoff.pipeline.benchmark import render_split
+
+    bust = render_split(tmp_path / "test", "test", 2, size=16, progress=False)
+    first = (bust / "dataset.json").stat().st_mtime_ns
+    assert render_split(tmp_path / "test", "test", 2, size=16, progress=False) == bust  # complete: reused
+    assert (bust / "dataset.json").stat().st_mtime_ns == first
+    portrait = render_split(tmp_path / "test", "test", 2, size=16, progress=False, framing="portrait")
+    folder = LabeledFolder(portrait)
+    assert folder.card.source["framing"] == "portrait" and len(folder) == 2
+    assert not np.array_equal(folder.load(folder.names[0])["image"],
+                              heads.render_heads(SPLIT_SEEDS["test"], [0], 16).images[0])

@@ -23,7 +23,9 @@ from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
 from handsoff.tasks import TASK_NAMES
 
-HEADS_GENERATOR = "heads-64"
+# The shipped generator of each framing of the heads domain (``heads.FRAMINGS``).
+HEADS_GENERATORS = {"bust": "heads-64", "portrait": "heads-portrait-64"}
+HEADS_GENERATOR = HEADS_GENERATORS["bust"]
 TASKS = list(TASK_NAMES)  # every registered task
 
 # Sizes for `handsoff demo`: every stage on the shipped generator in < 20 minutes on a 2-core CPU. 1,112 samples
@@ -45,12 +47,15 @@ DEMO = dict(labeled=16, validation=200, test=500, oracle=2000, generated=1112, c
 BENCHMARK_ORACLE = 5000
 
 
-def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, progress: bool = True) -> Path:
-    """Rendered heads of one split in the standard layout (reused when already complete)."""
-    if (out / "dataset.json").exists():
+def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, progress: bool = True,
+                 framing: str = "bust") -> Path:
+    """Rendered heads of one split in the standard layout (reused when already complete in this framing)."""
+    from handsoff.data.layout import LabeledFolder
+
+    if (out / "dataset.json").exists() and LabeledFolder(out).card.source.get("framing", "bust") == framing:
         return out
     heads.write_heads_dataset(out, n, seed=heads.SPLIT_SEEDS[split], size=size, start=start, overwrite=True,
-                              progress=progress)
+                              progress=progress, framing=framing)
     return out
 
 
@@ -65,23 +70,22 @@ def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: 
 
 
 def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: bool = True, log=print,
-             **overrides) -> dict:
-    """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html."""
+             framing: str = "bust", generator: str | None = None, **overrides) -> dict:
+    """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html.
+    ``framing``: of the rendered heads (``heads.FRAMINGS``); ``generator``: by default the framing's shipped one."""
     from handsoff.pipeline.report import write_report
 
     sizes = {**DEMO, **overrides}
     out = Path(out).resolve()  # results.json and the report then work from any folder
     data = out / "data"
-    log("[rendering real heads: labeled, validation, test, oracle]")
-    paths = {"labeled": render_split(data / f"labeled-{sizes['labeled']}", "labeled", sizes["labeled"],
-                                     progress=progress),
-             "validation": render_split(data / "validation", "validation", sizes["validation"], progress=progress),
-             "test": render_split(data / "test", "test", sizes["test"], progress=progress),
-             "oracle": render_split(data / "oracle", "oracle", sizes["oracle"], progress=progress)
-             if sizes["oracle"] else None}
+    log(f"[rendering real heads ({framing} framing): labeled, validation, test, oracle]")
+    splits = {"labeled": (f"labeled-{sizes['labeled']}", sizes["labeled"]), "validation": ("validation", None),
+              "test": ("test", None), "oracle": ("oracle", None)}
+    paths = {role: render_split(data / folder, role, n or sizes[role], progress=progress, framing=framing)
+             if (n or sizes[role]) else None for role, (folder, n) in splits.items()}
     config = heads_config(out, paths, seed, sizes["generated"], sizes["curve"],
                           {k: sizes[k] for k in ("inversion", "label_generator", "generation", "downstream")
-                           if k in sizes}, device)
+                           if k in sizes}, device, generator or HEADS_GENERATORS[framing])
     results = run_pipeline(config, progress=progress, log=log)
     log("[report]")
     write_report(out)
@@ -96,14 +100,15 @@ def _aggregate(values: list[float]) -> dict:
 
 def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation: int = DEMO["validation"],
                   test: int = DEMO["test"], oracle: int = BENCHMARK_ORACLE, generated: int = DEMO["generated"],
-                  settings: dict | None = None, device: str = "auto", generator: str = HEADS_GENERATOR,
-                  size: int = 64, progress: bool = True, log=print) -> dict:
+                  settings: dict | None = None, device: str = "auto", generator: str | None = None,
+                  size: int = 64, framing: str = "bust", progress: bool = True, log=print) -> dict:
     """Every (seed, labeled size) cell, then mean and std over seeds per method; writes results.json, table.txt.
-    ``generator`` and ``size`` (of the rendered heads) default to the shipped heads generator's."""
+    ``generator`` and ``size`` (of the rendered heads) default to the shipped generator of ``framing``'s."""
     out = Path(out).resolve()
     settings = settings or {}
+    generator = generator or HEADS_GENERATORS[framing]
     data = out / "data"
-    fixed = {split: render_split(data / split, split, n, size=size, progress=progress)
+    fixed = {split: render_split(data / split, split, n, size=size, progress=progress, framing=framing)
              for split, n in (("validation", validation), ("test", test), ("oracle", oracle))}
     largest = max(labeled)
     per_cell: dict[str, list[dict]] = {}
@@ -111,7 +116,7 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
         for i, n in enumerate(sorted(labeled)):
             log(f"=== seed {seed}, {n} labeled images ===")
             labeled_dir = render_split(data / f"labeled-seed{seed}-{n}", "labeled", n, start=seed * largest,
-                                       size=size, progress=progress)
+                                       size=size, progress=progress, framing=framing)
             cell = {"labeled": labeled_dir, "validation": fixed["validation"], "test": fixed["test"],
                     "oracle": fixed["oracle"] if i == 0 else None}
             results = run_pipeline(heads_config(out / f"seed{seed}" / f"labeled-{n}", cell, seed, generated, [],
@@ -128,11 +133,12 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
                                     for c in per_cell[name][0]["iou"]}
     downstream = settings.get("downstream", {})
     init = ("ImageNet (local file)" if downstream.get("backbone_weights") else "random") + " init"
-    table = (f"heads-64, mean ± std over {seeds} seed(s); every method: {downstream.get('architecture', 'unet')} on "
-             f"{downstream.get('backbone', 'resnet18')}, {init}, the same schedule\n{results_table(summary)}")
+    network = f"{downstream.get('architecture', 'unet')} on {downstream.get('backbone', 'resnet18')}"
+    table = (f"{Path(generator).name} ({framing} heads), mean ± std over {seeds} seed(s); every method: {network}, "
+             f"{init}, the same schedule\n{results_table(summary)}")
     results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
-               "settings": settings, "generator": HEADS_GENERATOR, "tasks": TASKS}
+               "settings": settings, "generator": generator, "framing": framing, "tasks": TASKS}
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())
     return results
