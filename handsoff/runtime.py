@@ -103,10 +103,14 @@ def cpu_key() -> str:
 
 def _timed_speedup(run, repeats: int) -> float:
     """float32 time / bfloat16 time of ``run(dtype)`` (which returns its own seconds), fastest of ``repeats`` each
-    after one float32 warm-up; a first bf16 run over 4x float32 (emulated bf16) ends the measurement early."""
+    after one warm-up run of each dtype; a first timed bf16 run over 4x float32 (emulated bf16) ends the
+    measurement early."""
     import torch
 
-    run(torch.float32)  # warm oneDNN's kernels up
+    # oneDNN creates (JIT-compiles) its kernels on first use, per dtype: an untimed bf16 run first, or the
+    # compilation reads as emulation (a native AVX512-BF16 CPU measured 0.02x at one thread that way).
+    run(torch.float32)
+    run(torch.bfloat16)
     fp32 = min(run(torch.float32) for _ in range(repeats))
     first = run(torch.bfloat16)
     if first > 4 * fp32:  # emulated: no need to time it more precisely
@@ -168,7 +172,7 @@ def _cache_file():
 
 def bf16_speedup(kind: str = "conv") -> float:
     """How much faster bf16 is than float32 on this CPU, measured once per CPU (``cpu_key``), torch version and
-    thread count and cached in ``$HANDSOFF_CACHE/precision.json`` (default ~/.cache/handsoff); an unwritable cache
+    thread count (and the measurement's version) and cached in ``$HANDSOFF_CACHE/precision.json`` (default ~/.cache/handsoff); an unwritable cache
     only costs a re-measure. ``kind``: 'conv' (``measure_bf16_speedup``: generator training and synthesis) or
     'matmul' (``measure_bf16_matmul_speedup``: label maps)."""
     import json
@@ -176,7 +180,8 @@ def bf16_speedup(kind: str = "conv") -> float:
     import torch
 
     measure = {"conv": lambda: measure_bf16_speedup(), "matmul": lambda: measure_bf16_matmul_speedup()}[kind]
-    key = f"{cpu_key()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {kind}"
+    # v2: bf16 warmed up before timing (v1 entries could hold kernel creation read as emulation: measured again).
+    key = f"{cpu_key()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {kind} | v2"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())

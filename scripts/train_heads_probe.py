@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust")
     parser.add_argument("--out", help="default: handsoff/weights/probes/heads-64 (bust) or heads-portrait-64")
     args = parser.parse_args()
-    out = args.out or str(SHIPPED_DIR / "probes" / probe_name(args.framing))
+    out_dir = args.out or str(SHIPPED_DIR / "probes" / probe_name(args.framing))
     tune_allocator()
     t0 = time.perf_counter()
     probe = train_heads_probe(n=args.n, epochs=args.epochs, framing=args.framing)
@@ -48,7 +48,7 @@ def main() -> None:
                "iou": {c: round(float(v), 4) for c, v in zip(heads.CLASSES, iou)},
                "factor_r2_median": float(np.median(r2)), "train_images": args.n, "epochs": args.epochs,
                "train_seconds": round(seconds)}
-    save_probe(probe, out, metadata={"trained_on": f"heads oracle split (seed {heads.SPLIT_SEEDS['oracle']}), "
+    save_probe(probe, out_dir, metadata={"trained_on": f"heads oracle split (seed {heads.SPLIT_SEEDS['oracle']}), "
                                      f"{args.n} images, {args.framing} framing", "framing": args.framing,
                                      "reference_split_metrics": metrics})
     print(metrics)

@@ -232,6 +232,19 @@ def test_auto_precision_follows_the_measurement_and_caches_it(tmp_path, monkeypa
     assert json.loads((tmp_path / "cache" / "precision.json").read_text())
 
 
+def test_precision_measurement_does_not_read_kernel_creation_as_emulation():
+    """oneDNN compiles its kernels on first use per dtype: a slow first bf16 call must not end the measurement as
+    if bf16 were emulated (it cached 0.02x on a native AVX512-BF16 CPU); a bf16 that stays slow still does."""
+    from handsoff import runtime
+
+    def timings(bf16_times):
+        calls = {torch.float32: iter([5.0] + [1.0] * 10), torch.bfloat16: iter(bf16_times)}
+        return lambda dtype: next(calls[dtype])
+
+    assert runtime._timed_speedup(timings([30.0, 0.5, 0.6, 0.5, 0.7]), repeats=3) == 2.0  # JIT once, then native
+    assert runtime._timed_speedup(timings([30.0, 20.0]), repeats=3) == 1 / 20  # emulated: stops after one timing
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim is Linux-only")
 def test_release_memory_returns_freed_heap_pages_to_the_kernel():
     """With tune_allocator's thresholds freed tensors stay in the heap; release_memory hands them back (what
