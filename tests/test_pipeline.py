@@ -208,3 +208,15 @@ def test_benchmark_splits_are_rerendered_when_the_framing_changes(tmp_path):
     assert folder.card.source["framing"] == "portrait" and len(folder) == 2
     assert not np.array_equal(folder.load(folder.names[0])["image"],
                               heads.render_heads(SPLIT_SEEDS["test"], [0], 16).images[0])
+
+
+def test_demo_and_benchmark_name_a_missing_generator_before_rendering(tmp_path):
+    from handsoff.generator.checkpoints import CheckpointError
+    from handsoff.pipeline.benchmark import run_demo
+
+    for run in (lambda: run_demo(tmp_path / "demo", generator=str(tmp_path / "missing-gan"), progress=False),
+                lambda: run_benchmark(tmp_path / "demo", labeled=[2], seeds=1, generator=str(tmp_path / "missing-gan"),
+                                      progress=False)):
+        with pytest.raises(CheckpointError, match="missing-gan"):
+            run()
+        assert not (tmp_path / "demo").exists()

@@ -75,7 +75,11 @@ def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: 
     ``framing``: of the rendered heads (``heads.FRAMINGS``); ``generator``: by default the framing's shipped one."""
     from handsoff.pipeline.report import write_report
 
+    from handsoff.generator.checkpoints import resolve_checkpoint
+
     sizes = {**DEMO, **overrides}
+    generator = generator or HEADS_GENERATORS[framing]
+    resolve_checkpoint(generator)  # a missing generator fails before any rendering
     out = Path(out).resolve()  # results.json and the report then work from any folder
     data = out / "data"
     log(f"[rendering real heads ({framing} framing): labeled, validation, test, oracle]")
@@ -85,7 +89,7 @@ def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: 
              if (n or sizes[role]) else None for role, (folder, n) in splits.items()}
     config = heads_config(out, paths, seed, sizes["generated"], sizes["curve"],
                           {k: sizes[k] for k in ("inversion", "label_generator", "generation", "downstream")
-                           if k in sizes}, device, generator or HEADS_GENERATORS[framing])
+                           if k in sizes}, device, generator)
     results = run_pipeline(config, progress=progress, log=log)
     log("[report]")
     write_report(out)
@@ -106,7 +110,10 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     ``generator`` and ``size`` (of the rendered heads) default to the shipped generator of ``framing``'s."""
     out = Path(out).resolve()
     settings = settings or {}
+    from handsoff.generator.checkpoints import resolve_checkpoint
+
     generator = generator or HEADS_GENERATORS[framing]
+    resolve_checkpoint(generator)  # a missing generator fails before any rendering
     data = out / "data"
     fixed = {split: render_split(data / split, split, n, size=size, progress=progress, framing=framing)
              for split, n in (("validation", validation), ("test", test), ("oracle", oracle))}
