@@ -73,9 +73,8 @@ def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: 
              framing: str = "bust", generator: str | None = None, **overrides) -> dict:
     """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html.
     ``framing``: of the rendered heads (``heads.FRAMINGS``); ``generator``: by default the framing's shipped one."""
-    from handsoff.pipeline.report import write_report
-
     from handsoff.generator.checkpoints import resolve_checkpoint
+    from handsoff.pipeline.report import write_report
 
     sizes = {**DEMO, **overrides}
     generator = generator or HEADS_GENERATORS[framing]
