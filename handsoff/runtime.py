@@ -171,10 +171,10 @@ def _cache_file():
 
 
 def bf16_speedup(kind: str = "conv") -> float:
-    """How much faster bf16 is than float32 on this CPU, measured once per CPU (``cpu_key``), torch version and
-    thread count (and the measurement's version) and cached in ``$HANDSOFF_CACHE/precision.json`` (default ~/.cache/handsoff); an unwritable cache
-    only costs a re-measure. ``kind``: 'conv' (``measure_bf16_speedup``: generator training and synthesis) or
-    'matmul' (``measure_bf16_matmul_speedup``: label maps)."""
+    """How much faster bf16 is than float32 on this CPU, measured once per CPU (``cpu_key``), torch version,
+    thread count and measurement version, and cached in ``$HANDSOFF_CACHE/precision.json`` (default
+    ~/.cache/handsoff); an unwritable cache only costs a re-measure. ``kind``: 'conv' (``measure_bf16_speedup``:
+    generator training and synthesis) or 'matmul' (``measure_bf16_matmul_speedup``: label maps)."""
     import json
 
     import torch
