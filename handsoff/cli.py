@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from handsoff.domains.heads import FRAMINGS
+from handsoff.domains.heads import FRAMINGS, SHIPPED_NAMES
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
@@ -106,13 +106,13 @@ def _summary(results: dict) -> str:
     return results_table(comparison(results["methods"]))
 
 
-def _add_framing_options(p) -> None:
-    from handsoff.pipeline.benchmark import HEADS_GENERATORS
-
+def _add_framing_options(p, generator: bool = True) -> None:
     p.add_argument("--framing", choices=list(FRAMINGS), default="bust",
-                   help="of the rendered heads: bust (the original domain) or portrait (centred faces, 2x closer)")
-    p.add_argument("--generator", help="generator name or folder (default: the framing's shipped one, "
-                   f"{', '.join(f'{k}: {v}' for k, v in HEADS_GENERATORS.items())})")
+                   help="of the rendered heads: bust (heads and shoulders anywhere in a cluttered frame, the original "
+                   "domain) or portrait (faces centred and 2x closer, as aligned-face datasets crop them)")
+    if generator:
+        p.add_argument("--generator", help="generator name or folder (default: the framing's shipped one, "
+                       f"{', '.join(f'{k}: {v}' for k, v in SHIPPED_NAMES.items())})")
 
 
 def cmd_demo(args) -> int:
@@ -706,9 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=POSITIVE_INT, default=64)
     p.add_argument("--batch", type=POSITIVE_INT, default=32)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    p.add_argument("--framing", choices=list(FRAMINGS), default="bust",
-                   help="bust: heads and shoulders anywhere in a cluttered frame (the original domain); portrait: "
-                        "faces centred and 2x closer, as aligned-face datasets crop them")
+    _add_framing_options(p, generator=False)
     p.set_defaults(func=cmd_render_heads, writes="out")
 
     p = sub.add_parser("import-data", help="convert labeled data (HandsOff faces, COCO, colour masks) to the "

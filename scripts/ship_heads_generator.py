@@ -22,7 +22,7 @@ from handsoff.domains import heads
 from handsoff.fileio import atomic_save
 from handsoff.generator import load_networks, save_networks
 from handsoff.generator.checkpoints import SHIPPED_DIR
-from handsoff.metrics.gan_quality import evaluate_generator, format_report, generate, probe_name, render_real
+from handsoff.metrics.gan_quality import evaluate_generator, format_report, generate, render_real
 from handsoff.metrics.probe import load_probe
 from handsoff.runtime import tune_allocator
 from handsoff.visualize import image_grid, save_image_atomic
@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[1]
 def training_command(framing: str) -> str:
     name, flag = ("heads", "") if framing == "bust" else (f"{framing}", f" --framing {framing}")
     return (f"handsoff render-heads --out runs/{name}-gan-50k --n 50000 --seed 4 --size 64{flag} && "
-            f"handsoff train-gan --data runs/{name}-gan-50k --out runs/{probe_name(framing)} --size 64 "
+            f"handsoff train-gan --data runs/{name}-gan-50k --out runs/{heads.SHIPPED_NAMES[framing]} --size 64 "
             "--images 5000000 --snapshot 20000 --tick 4000 --seed 0")
 
 
@@ -47,7 +47,7 @@ def main() -> None:
                         help="the heads framing the run was trained on (bust ships heads-64, portrait "
                              "heads-portrait-64); measured with that framing's probe and real heads")
     args = parser.parse_args()
-    name = probe_name(args.framing)  # generator and probe share the name
+    name = heads.SHIPPED_NAMES[args.framing]  # generator and probe share the name
     tune_allocator()
     torch.set_grad_enabled(False)
 

@@ -15,7 +15,7 @@ import torch
 
 from handsoff.domains import heads
 from handsoff.generator.checkpoints import SHIPPED_DIR
-from handsoff.metrics.gan_quality import probe_name, render_real, train_heads_probe
+from handsoff.metrics.gan_quality import render_real, train_heads_probe
 from handsoff.metrics.probe import save_probe
 from handsoff.runtime import tune_allocator
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust")
     parser.add_argument("--out", help="default: handsoff/weights/probes/heads-64 (bust) or heads-portrait-64")
     args = parser.parse_args()
-    out_dir = args.out or str(SHIPPED_DIR / "probes" / probe_name(args.framing))
+    out_dir = args.out or str(SHIPPED_DIR / "probes" / heads.SHIPPED_NAMES[args.framing])
     tune_allocator()
     t0 = time.perf_counter()
     probe = train_heads_probe(n=args.n, epochs=args.epochs, framing=args.framing)

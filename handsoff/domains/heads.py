@@ -52,8 +52,10 @@ TEX_NONE, TEX_EYE, TEX_MOUTH, TEX_HAIR, TEX_CLOTH = range(5)
 # default): a 45 degree field of view, heads placed anywhere in the middle of the frame at about 40% of its width,
 # shoulders and a cluttered wall around them. "portrait": a 2x longer lens and every face centred on the optical
 # axis (a point between the eyes and the mouth, within a few pixels), as aligned-face datasets (FFHQ, CelebA-HQ)
-# crop them: eyes, nose and mouth cover 2.5x the pixels, so a 64 px generator and judge can resolve them.
+# crop them: eyes, nose and mouth cover 3.1x the pixels, so a 64 px generator and judge can resolve them.
 FRAMINGS = {"bust": 2.4, "portrait": 4.8}
+# The shipped generator and measuring probe of each framing share a name (handsoff/weights/NAME, .../probes/NAME).
+SHIPPED_NAMES = {"bust": "heads-64", "portrait": "heads-portrait-64"}
 FOCAL = FRAMINGS["bust"]
 # The head-local point a portrait puts on the optical axis (between the eyes at y = -0.08 and the mouth at 0.5).
 PORTRAIT_CENTRE = np.array([0.0, 0.15, -0.6])

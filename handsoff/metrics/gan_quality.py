@@ -46,11 +46,6 @@ def train_heads_probe(n: int = 6000, size: int = 64, epochs: int = 6, seed: int 
     return train_probe(images, masks, targets, len(heads.CLASSES), epochs=epochs, seed=seed, progress=progress)
 
 
-def probe_name(framing: str = "bust") -> str:
-    """The shipped probe (a folder under handsoff/weights/probes) that measures heads of ``framing``."""
-    return "heads-64" if framing == "bust" else f"heads-{framing}-64"
-
-
 def class_statistics(masks: torch.Tensor, n_classes: int) -> dict[str, np.ndarray]:
     """area (n_classes,): mean pixel share of each class; presence (n_classes,): share of images containing it."""
     flat = masks.reshape(len(masks), -1)

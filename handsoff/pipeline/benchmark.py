@@ -23,9 +23,7 @@ from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
 from handsoff.tasks import TASK_NAMES
 
-# The shipped generator of each framing of the heads domain (``heads.FRAMINGS``).
-HEADS_GENERATORS = {"bust": "heads-64", "portrait": "heads-portrait-64"}
-HEADS_GENERATOR = HEADS_GENERATORS["bust"]
+HEADS_GENERATOR = heads.SHIPPED_NAMES["bust"]
 TASKS = list(TASK_NAMES)  # every registered task
 
 # Sizes for `handsoff demo`: every stage on the shipped generator in < 20 minutes on a 2-core CPU. 1,112 samples
@@ -59,6 +57,15 @@ def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, 
     return out
 
 
+def _generator_for(framing: str, generator: str | None) -> str:
+    """``generator``, or the framing's shipped one; checked to exist, so that a missing one fails before rendering."""
+    from handsoff.generator.checkpoints import resolve_checkpoint
+
+    generator = generator or heads.SHIPPED_NAMES[framing]
+    resolve_checkpoint(generator)
+    return generator
+
+
 def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: int, curve: list[int],
                  settings: dict, device: str = "auto", generator: str = HEADS_GENERATOR) -> PipelineConfig:
     """The pipeline config of one benchmark cell; ``settings`` holds per-stage overrides."""
@@ -73,19 +80,16 @@ def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", progress: 
              framing: str = "bust", generator: str | None = None, **overrides) -> dict:
     """``handsoff demo``: render heads, run every stage with the demo sizes, write results.json and report.html.
     ``framing``: of the rendered heads (``heads.FRAMINGS``); ``generator``: by default the framing's shipped one."""
-    from handsoff.generator.checkpoints import resolve_checkpoint
     from handsoff.pipeline.report import write_report
 
     sizes = {**DEMO, **overrides}
-    generator = generator or HEADS_GENERATORS[framing]
-    resolve_checkpoint(generator)  # a missing generator fails before any rendering
+    generator = _generator_for(framing, generator)
     out = Path(out).resolve()  # results.json and the report then work from any folder
     data = out / "data"
     log(f"[rendering real heads ({framing} framing): labeled, validation, test, oracle]")
-    splits = {"labeled": (f"labeled-{sizes['labeled']}", sizes["labeled"]), "validation": ("validation", None),
-              "test": ("test", None), "oracle": ("oracle", None)}
-    paths = {role: render_split(data / folder, role, n or sizes[role], progress=progress, framing=framing)
-             if (n or sizes[role]) else None for role, (folder, n) in splits.items()}
+    paths = {role: render_split(data / (f"labeled-{sizes[role]}" if role == "labeled" else role), role, sizes[role],
+                                progress=progress, framing=framing) if sizes[role] else None
+             for role in ("labeled", "validation", "test", "oracle")}
     config = heads_config(out, paths, seed, sizes["generated"], sizes["curve"],
                           {k: sizes[k] for k in ("inversion", "label_generator", "generation", "downstream")
                            if k in sizes}, device, generator)
@@ -109,10 +113,7 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     ``generator`` and ``size`` (of the rendered heads) default to the shipped generator of ``framing``'s."""
     out = Path(out).resolve()
     settings = settings or {}
-    from handsoff.generator.checkpoints import resolve_checkpoint
-
-    generator = generator or HEADS_GENERATORS[framing]
-    resolve_checkpoint(generator)  # a missing generator fails before any rendering
+    generator = _generator_for(framing, generator)
     data = out / "data"
     fixed = {split: render_split(data / split, split, n, size=size, progress=progress, framing=framing)
              for split, n in (("validation", validation), ("test", test), ("oracle", oracle))}
