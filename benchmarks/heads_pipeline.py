@@ -1,6 +1,7 @@
 """Inversion and label-generator quality on the heads domain (the figures of issues 5 and 6).
 
     python benchmarks/heads_pipeline.py --encoder runs/encoder-heads-64 [--generator heads-64] [--out runs/hp]
+    python benchmarks/heads_pipeline.py --framing portrait --generator runs/heads-portrait-64/network-00100000
 
 1. Inversion of 50 labeled real heads (labeled split; never the GAN's training set): mean MSE / PSNR /
    perceptual distance for the average latent, the encoder, encoder + optimization; seconds per image; and
@@ -35,8 +36,8 @@ from handsoff.tasks import tasks_from_card
 from handsoff.visualize import image_grid, save_image_atomic
 
 
-def render_split(split: str, n: int, size: int) -> dict:
-    r = heads.render_heads(heads.SPLIT_SEEDS[split], range(n), size)
+def render_split(split: str, n: int, size: int, framing: str) -> dict:
+    r = heads.render_heads(heads.SPLIT_SEEDS[split], range(n), size, framing)
     images = torch.from_numpy(r.images).permute(0, 3, 1, 2).float() / 127.5 - 1
     return {"images": images, "masks": r.masks.astype(np.int64), "depth": r.depth, "keypoints": r.keypoints,
             "names": [f"{heads.SPLIT_SEEDS[split]:04d}_{i:07d}" for i in range(n)], "raw": r}
@@ -49,7 +50,9 @@ def oracle_miou(probe, images: torch.Tensor, masks: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", default="heads-64")
+    parser.add_argument("--framing", choices=sorted(heads.FRAMINGS), default="bust",
+                        help="of the real heads; also picks the probe (the framing's) and the default generator")
+    parser.add_argument("--generator", default=None, help="default: the framing's shipped generator")
     parser.add_argument("--encoder", default=None)
     parser.add_argument("--steps", type=int, default=500, help="optimization steps per image")
     parser.add_argument("--labeled", type=int, default=50)
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/heads-pipeline"))
     parser.add_argument("--docs", type=Path, default=None, help="also write the reconstruction sheet here")
     args = parser.parse_args()
+    args.generator = args.generator or heads.SHIPPED_NAMES[args.framing]
     tune_allocator()
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -69,10 +73,11 @@ def main() -> None:
     G, D = nets.generator, nets.discriminator
     perceptual = build_perceptual("discriminator", D)
     encoder = load_encoder(args.encoder) if args.encoder else None
-    probe = load_probe(SHIPPED_DIR / "probes" / "heads-64")
-    results: dict = {"generator": str(args.generator), "encoder": args.encoder, "steps": args.steps}
+    probe = load_probe(SHIPPED_DIR / "probes" / heads.SHIPPED_NAMES[args.framing])
+    results: dict = {"generator": str(args.generator), "framing": args.framing, "encoder": args.encoder,
+                     "steps": args.steps}
 
-    labeled = render_split("labeled", args.labeled, G.img_resolution)
+    labeled = render_split("labeled", args.labeled, G.img_resolution, args.framing)
     t0 = time.perf_counter()
     inv = invert_images(G, labeled["images"], perceptual, encoder, steps=args.steps)
     seconds = time.perf_counter() - t0
@@ -94,7 +99,7 @@ def main() -> None:
     # Label generator on the first fit_on inverted images.
     samples = [{"name": labeled["names"][i], "image": labeled["raw"].images[i], "mask": labeled["masks"][i],
                 "depth": labeled["depth"][i], "keypoints": labeled["keypoints"][i]} for i in range(args.fit_on)]
-    card = heads.dataset_card(G.img_resolution, heads.SPLIT_SEEDS["labeled"])
+    card = heads.dataset_card(G.img_resolution, heads.SPLIT_SEEDS["labeled"], args.framing)
     tasks = tasks_from_card(["seg", "kp", "depth"], card)
     model = LabelGenerator(G, tasks, G.img_resolution, members=args.members, generator_ref=str(args.generator))
     t0 = time.perf_counter()
@@ -104,7 +109,7 @@ def main() -> None:
     save_label_generator(model, args.out / "label_generator", metadata={"fit": summary,
                                                                        "labels_card": card.to_json()})
 
-    held = render_split("test", args.held_out, G.img_resolution)
+    held = render_split("test", args.held_out, G.img_resolution, args.framing)
     inv_held = invert_images(G, held["images"], perceptual, encoder,
                              steps=args.held_out_steps if args.held_out_steps is not None else args.steps)
     pred = model.predict(inv_held["ws"])
