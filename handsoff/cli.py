@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from handsoff.domains.heads import FRAMINGS, SHIPPED_NAMES
+from handsoff.domains.heads import DEFAULT_FRAMING, FRAMINGS, SHIPPED_NAMES
 from handsoff.downstream.model import ARCHITECTURES
 from handsoff.downstream.train import SCHEDULES
 from handsoff.errors import UsageError
@@ -106,8 +106,8 @@ def _summary(results: dict) -> str:
     return results_table(comparison(results["methods"]))
 
 
-def _add_framing_options(p, generator: bool = True) -> None:
-    p.add_argument("--framing", choices=list(FRAMINGS), default="bust",
+def _add_framing_options(p, generator: bool = True, default: str = DEFAULT_FRAMING) -> None:
+    p.add_argument("--framing", choices=list(FRAMINGS), default=default,
                    help="of the rendered heads: bust (heads and shoulders anywhere in a cluttered frame, the original "
                    "domain) or portrait (faces centred and 2x closer, as aligned-face datasets crop them)")
     if generator:
@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=POSITIVE_INT, default=64)
     p.add_argument("--batch", type=POSITIVE_INT, default=32)
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    _add_framing_options(p, generator=False)
+    _add_framing_options(p, generator=False, default="bust")  # the renderer's own default
     p.set_defaults(func=cmd_render_heads, writes="out")
 
     p = sub.add_parser("import-data", help="convert labeled data (HandsOff faces, COCO, colour masks) to the "

@@ -186,3 +186,23 @@ def test_mismatching_file_names_missing_keys_and_inferred_config(tmp_path, tiny_
 def test_unknown_name_lists_shipped_generators(tmp_path):
     with pytest.raises(CheckpointError, match="no such file, and not a shipped generator name"):
         load_generator(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("framing", ["bust", "portrait"])
+def test_every_framing_ships_a_generator_and_its_probe(framing):
+    """The demo's and benchmark's default generator for each framing loads by name and draws that framing; the probe
+    that measures it has the same name."""
+    import json
+
+    from handsoff.domains import heads
+    from handsoff.generator.checkpoints import SHIPPED_DIR
+    from handsoff.metrics.probe import load_probe
+
+    name = heads.SHIPPED_NAMES[framing]
+    nets = load_networks(name)
+    assert nets.generator.img_resolution == 64 and nets.discriminator is not None
+    metadata = json.loads((SHIPPED_DIR / name / "config.json").read_text())["metadata"]
+    assert metadata.get("framing", "bust") == framing and metadata["images_seen"] > 0
+    probe = load_probe(SHIPPED_DIR / "probes" / name)
+    assert probe.config["n_classes"] == len(heads.CLASSES)
+    assert heads.DEFAULT_FRAMING in heads.SHIPPED_NAMES

@@ -56,6 +56,9 @@ TEX_NONE, TEX_EYE, TEX_MOUTH, TEX_HAIR, TEX_CLOTH = range(5)
 FRAMINGS = {"bust": 2.4, "portrait": 4.8}
 # The shipped generator and measuring probe of each framing share a name (handsoff/weights/NAME, .../probes/NAME).
 SHIPPED_NAMES = {"bust": "heads-64", "portrait": "heads-portrait-64"}
+# The framing of `handsoff demo` and `handsoff benchmark` unless told otherwise: portrait, whose generator draws
+# eyes, noses and mouths (the bust one barely does). The renderer's own default stays bust, reproducible as before.
+DEFAULT_FRAMING = "portrait"
 FOCAL = FRAMINGS["bust"]
 # The head-local point a portrait puts on the optical axis (between the eyes at y = -0.08 and the mouth at 0.5).
 PORTRAIT_CENTRE = np.array([0.0, 0.15, -0.6])
