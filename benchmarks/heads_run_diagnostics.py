@@ -1,0 +1,90 @@
+"""Where a heads run (``handsoff demo`` / ``handsoff run`` on rendered heads) loses, by the framing's oracle probe.
+
+    python benchmarks/heads_run_diagnostics.py handsoff-demo
+
+1. Reconstructions: the probe's segmentation of G(w) for every inverted labeled image against that image's true
+   mask (dataset-level mIoU and IoU per class), next to the probe on the real images (its ceiling), and the PSNR
+   of the reconstructions. The label generator learns from real masks laid over reconstructions: where they
+   disagree (a brow a pixel off), it learns the wrong thing.
+2. The generated dataset: the probe's segmentation of each generated image against the label the label
+   generator wrote for it (mIoU, IoU per class), and the share of images containing each class by the probe vs
+   by the labels (a class drawn but never labeled, or labeled but never drawn, shows here).
+
+The probe is ``handsoff/weights/probes/NAME`` of the framing the run's labeled data were rendered in. It is a
+64-px CNN trained on real renders, so on generated images it is a judge with its own errors, not ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handsoff.data.layout import LabeledFolder
+from handsoff.domains import heads
+from handsoff.generator import load_generator
+from handsoff.generator.checkpoints import SHIPPED_DIR
+from handsoff.inversion import load_latents
+from handsoff.metrics.gan_quality import class_statistics
+from handsoff.metrics.labels import confusion_matrix, miou
+from handsoff.metrics.probe import load_probe
+
+
+def load_split(folder: Path, names: list[str] | None = None) -> tuple[list[str], torch.Tensor, np.ndarray]:
+    """Images (N, 3, H, W) in [-1, 1] and masks (N, H, W) of a labeled folder (all, or ``names`` in order)."""
+    data = LabeledFolder(folder)
+    names = names or data.names
+    samples = [data.load(n) for n in names]
+    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return names, images, np.stack([s["mask"] for s in samples])
+
+
+def scored(probe, images: torch.Tensor, masks: np.ndarray) -> dict:
+    pred = probe.segment(images.clamp(-1, 1))
+    result = miou(confusion_matrix(pred, masks, len(heads.CLASSES)), heads.CLASSES)
+    return {"miou": result["miou"], "iou": result["iou"], "prediction": pred}
+
+
+def row(name: str, values: dict) -> str:
+    return f"{name:<26}" + "".join(f"{v:>8.2f}" for v in values.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="output folder of `handsoff demo` or `handsoff run`")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    config = json.loads((args.run / "config.json").read_text())
+    labeled = Path(config["labeled"])
+    framing = LabeledFolder(labeled).card.source.get("framing", "bust")
+    probe = load_probe(SHIPPED_DIR / "probes" / heads.SHIPPED_NAMES[framing])
+    G = load_generator(config["generator"])
+    header = f"{'':<26}" + "".join(f"{c[:7]:>8}" for c in heads.CLASSES)
+
+    names, ws, _ = load_latents(args.run / "inversion" / "latents.safetensors")
+    _, reals, masks = load_split(labeled, names)
+    reconstructions = G.synthesis(ws).clamp(-1, 1)
+    psnr = float((10 * torch.log10(4 / ((reconstructions - reals) ** 2).mean((1, 2, 3)))).mean())
+    real, rec = scored(probe, reals, masks), scored(probe, reconstructions, masks)
+    print(f"{args.run}: {framing} heads, generator {config['generator']}\n\n"
+          f"1. {len(names)} inverted labeled heads: reconstruction PSNR {psnr:.2f} dB; probe vs true masks, mIoU "
+          f"{rec['miou']:.3f} on reconstructions, {real['miou']:.3f} on the real images\n{header}")
+    print(row("IoU, real images", real["iou"]))
+    print(row("IoU, reconstructions", rec["iou"]))
+
+    _, images, labels = load_split(args.run / "dataset")
+    gen = scored(probe, images, labels)
+    n = len(heads.CLASSES)
+    by_probe = class_statistics(gen["prediction"].long(), n)["presence"]
+    by_labels = class_statistics(torch.from_numpy(labels).long(), n)["presence"]
+    print(f"\n2. {len(images)} generated heads: probe vs generated labels, mIoU {gen['miou']:.3f}\n{header}")
+    print(row("IoU", gen["iou"]))
+    print(row("present, by the probe", dict(zip(heads.CLASSES, by_probe))))
+    print(row("present, by the labels", dict(zip(heads.CLASSES, by_labels))))
+
+
+if __name__ == "__main__":
+    main()
