@@ -26,7 +26,7 @@ from handsoff.tasks import TASK_NAMES
 HEADS_GENERATOR = heads.SHIPPED_NAMES[heads.DEFAULT_FRAMING]
 TASKS = list(TASK_NAMES)  # every registered task
 
-# Sizes for `handsoff demo`: every stage on the shipped generator in < 20 minutes on a 2-core CPU. 1,112 samples
+# Sizes for `handsoff demo`: every stage on the shipped generator in under half an hour on a 2-core CPU. 1,112 samples
 # leave 1,001 after the 10% most uncertain are dropped. Downstream: the U-Net on ResNet-18 (full-resolution
 # outputs: at 64 px DeepLabV3's 8 x 8 map scores 0 on every small part), 8 epochs of 768 images in batches of 8.
 # Optimizer steps, not images, decide whether small parts are learned: on 5,000 real heads (validation mIoU),
