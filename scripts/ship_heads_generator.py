@@ -57,7 +57,8 @@ def main() -> None:
     seed_ref = heads.SPLIT_SEEDS["reference"]
     reals = tuple(render_real(seed_ref, first, args.n, framing=args.framing)[0] for first in (0, args.n))
     snapshots = sorted(p for p in args.run.glob("network-*") if p.is_dir())
-    for snap in [s for s in snapshots if s.name not in cache][-args.last:]:
+    new = [s for s in snapshots if s.name not in cache]
+    for snap in new[len(new) - min(args.last, len(new)):]:  # the newest --last (none for 0)
         G = load_networks(snap).generator
         result = evaluate_generator(G, probe, n=args.n, reals=reals)
         result["images_seen"] = int(snap.name.split("-")[1])
