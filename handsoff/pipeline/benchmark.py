@@ -23,7 +23,6 @@ from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
 from handsoff.tasks import TASK_NAMES
 
-HEADS_GENERATOR = heads.SHIPPED_NAMES[heads.DEFAULT_FRAMING]
 TASKS = list(TASK_NAMES)  # every registered task
 
 # Sizes for `handsoff demo`: every stage on the shipped generator in under half an hour on a 2-core CPU. 1,112 samples
@@ -69,8 +68,9 @@ def _generator_for(framing: str, generator: str | None) -> str:
 
 
 def heads_config(out: Path, data: dict[str, Path | None], seed: int, generated: int, curve: list[int],
-                 settings: dict, device: str = "auto", generator: str = HEADS_GENERATOR) -> PipelineConfig:
-    """The pipeline config of one benchmark cell; ``settings`` holds per-stage overrides."""
+                 settings: dict, device: str, generator: str) -> PipelineConfig:
+    """The pipeline config of one benchmark cell; ``settings`` holds per-stage overrides; ``generator`` as
+    resolved by ``_generator_for``."""
     return PipelineConfig.model_validate({
         "out": out, "generator": generator, "tasks": TASKS, "seed": seed, "device": device, "transfer": True,
         "curve": curve,
