@@ -15,7 +15,7 @@ from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.domains.heads import SPLIT_SEEDS, write_heads_dataset
 from handsoff.generator import save_networks
 from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
-from handsoff.pipeline.benchmark import run_benchmark
+from handsoff.pipeline.benchmark import method_order, run_benchmark
 
 SIZE = 16
 TINY_STAGES = {
@@ -163,6 +163,11 @@ def test_benchmark_aggregates_over_seeds(domain, tmp_path):
     small = sorted(p.stem for p in (tmp_path / "b/data/labeled-seed0-2/images").iterdir())
     assert set(small) <= set(names[0])
     assert "±" in (tmp_path / "b/table.txt").read_text()
+
+
+def test_benchmark_orders_sizes_as_numbers():
+    names = ["handsoff-16", "oracle", "transfer-50", "transfer-4", "handsoff-4", "transfer-16"]
+    assert method_order(names) == ["transfer-4", "transfer-16", "transfer-50", "handsoff-4", "handsoff-16", "oracle"]
 
 
 def test_readme_config_example_is_valid(tmp_path):

@@ -107,6 +107,15 @@ def _aggregate(values: list[float]) -> dict:
             "std": float(np.std(finite)) if finite else float("nan"), "values": values}
 
 
+def method_order(names) -> list[str]:
+    """Table order of benchmark methods ("transfer-16", "handsoff-4", "oracle"): Transfer rows, then HandsOff,
+    each by labeled-set size as a number (4 before 16), the Oracle last."""
+    def key(name: str) -> tuple:
+        method, _, size = name.partition("-")
+        return name == "oracle", method != "transfer", method, int(size) if size else 0
+    return sorted(names, key=key)
+
+
 def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation: int = DEMO["validation"],
                   test: int = DEMO["test"], oracle: int = BENCHMARK_ORACLE, generated: int = DEMO["generated"],
                   settings: dict | None = None, device: str = "auto", generator: str | None = None,
@@ -133,7 +142,7 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
             for method, metrics in results["methods"].items():
                 name = method if method == "oracle" else f"{method}-{n}"
                 per_cell.setdefault(name, []).append(metrics)
-    order = sorted(per_cell, key=lambda m: (m == "oracle", m.split("-")[0] != "transfer", m))
+    order = method_order(per_cell)
     summary = {name: {k: _aggregate([m.get(k) for m in per_cell[name]]) for k in HEADLINE if k in per_cell[name][0]}
                for name in order}
     for name in order:  # IoU per class, mean and spread over seeds (None: the class never occurred)
