@@ -53,12 +53,14 @@ def main() -> None:
 
     cache_path = args.run / "fpd.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    probe = load_probe(SHIPPED_DIR / "probes" / name)
-    seed_ref = heads.SPLIT_SEEDS["reference"]
-    reals = tuple(render_real(seed_ref, first, args.n, framing=args.framing)[0] for first in (0, args.n))
     snapshots = sorted(p for p in args.run.glob("network-*") if p.is_dir())
     new = [s for s in snapshots if s.name not in cache]
-    for snap in new[len(new) - min(args.last, len(new)):]:  # the newest --last (none for 0)
+    to_evaluate = new[-args.last:] if args.last > 0 else []
+    if to_evaluate:  # the probe and two sets of real heads only when there is something to measure
+        probe = load_probe(SHIPPED_DIR / "probes" / name)
+        seed_ref = heads.SPLIT_SEEDS["reference"]
+        reals = tuple(render_real(seed_ref, first, args.n, framing=args.framing)[0] for first in (0, args.n))
+    for snap in to_evaluate:
         G = load_networks(snap).generator
         result = evaluate_generator(G, probe, n=args.n, reals=reals)
         result["images_seen"] = int(snap.name.split("-")[1])
