@@ -3,11 +3,14 @@
     python scripts/ship_heads_generator.py runs/heads-64                # evaluate new snapshots, ship the best
     python scripts/ship_heads_generator.py runs/heads-64 --last 3 --n 2000
     python scripts/ship_heads_generator.py runs/heads-portrait-64 --framing portrait   # -> heads-portrait-64
+    python scripts/ship_heads_generator.py runs/heads-portrait-64 --framing portrait --ship network-00360000
 
 For each ``network-*`` snapshot not yet evaluated (results cached in RUN/fpd.json), computes the Frechet probe
 distance against real rendered heads (see handsoff.metrics.gan_quality) and the real-vs-real floor with the
 shipped probe. The snapshot with the lowest FPD is copied (G_ema + D, float32) into the package together with
 its figures, training command and images seen, and a sample grid is written to docs/heads-64-samples.png.
+Neighbouring snapshots differ in FPD by less than they differ in what the demo measures, so ``--ship NAME`` ships
+a snapshot chosen by its demo instead (it must be evaluated, or among those this call evaluates).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="images per set for the Frechet distance")
     parser.add_argument("--last", type=int, default=2, help="evaluate at most this many newest snapshots")
     parser.add_argument("--no-ship", action="store_true")
+    parser.add_argument("--ship", metavar="SNAPSHOT",
+                        help="ship this snapshot (e.g. network-00360000, chosen by the demo), not the lowest FPD")
     parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust",
                         help="the heads framing the run was trained on (bust ships heads-64, portrait "
                              "heads-portrait-64); measured with that framing's probe and real heads")
@@ -70,10 +75,12 @@ def main() -> None:
     if args.no_ship or not cache:
         return
 
-    best_name = min(cache, key=lambda k: cache[k]["fpd"])
+    if args.ship and args.ship not in cache:
+        parser.error(f"--ship {args.ship}: not evaluated in {cache_path} (evaluated: {', '.join(sorted(cache))})")
+    best_name = args.ship or min(cache, key=lambda k: cache[k]["fpd"])
     best = cache[best_name]
     shipped = SHIPPED_DIR / name
-    if (shipped / "config.json").exists():
+    if not args.ship and (shipped / "config.json").exists():
         current = json.loads((shipped / "config.json").read_text())["metadata"].get("figures", {})
         if current.get("fpd", float("inf")) <= best["fpd"] and current.get("n") == best["n"]:
             print(f"shipped {name} (FPD {current['fpd']:.3f}) is at least as good as {best_name}; kept")
