@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--n", type=int, default=2000, help="images per set for the Frechet distance")
     parser.add_argument("--last", type=int, default=2, help="evaluate at most this many newest snapshots")
-    parser.add_argument("--no-ship", action="store_true")
-    parser.add_argument("--ship", metavar="SNAPSHOT",
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--no-ship", action="store_true")
+    choice.add_argument("--ship", metavar="SNAPSHOT",
                         help="ship this snapshot (e.g. network-00360000, chosen by the demo), not the lowest FPD")
     parser.add_argument("--framing", choices=list(heads.FRAMINGS), default="bust",
                         help="the heads framing the run was trained on (bust ships heads-64, portrait "
@@ -61,6 +62,9 @@ def main() -> None:
     snapshots = sorted(p for p in args.run.glob("network-*") if p.is_dir())
     new = [s for s in snapshots if s.name not in cache]
     to_evaluate = new[-args.last:] if args.last > 0 else []
+    if args.ship and args.ship not in cache and args.ship not in {s.name for s in to_evaluate}:
+        parser.error(f"--ship {args.ship}: neither in {cache_path} nor among the snapshots to evaluate "
+                     f"({', '.join(s.name for s in to_evaluate) or 'none'}; see --last)")
     if to_evaluate:  # the probe and two sets of real heads only when there is something to measure
         probe = load_probe(SHIPPED_DIR / "probes" / name)
         seed_ref = heads.SPLIT_SEEDS["reference"]
@@ -75,8 +79,6 @@ def main() -> None:
     if args.no_ship or not cache:
         return
 
-    if args.ship and args.ship not in cache:
-        parser.error(f"--ship {args.ship}: not evaluated in {cache_path} (evaluated: {', '.join(sorted(cache))})")
     best_name = args.ship or min(cache, key=lambda k: cache[k]["fpd"])
     best = cache[best_name]
     shipped = SHIPPED_DIR / name
