@@ -50,6 +50,17 @@ def test_train_resume_matches_uninterrupted_and_samples(tmp_path, heads16):
     assert any("r1_penalty" in e for e in log) and any("pl_penalty" in e for e in log)
 
     snapshot = tmp_path / "split" / "network-00000048"
+    # A state committed without its snapshot folder: the same command at the target exports it, identically.
+    exported = tmp_path / "exported"
+    shutil.copytree(snapshot, exported)
+    shutil.rmtree(snapshot)
+    _train(heads16, tmp_path / "split", 48)
+    assert read_state(tmp_path / "split")["images_seen"] == 48
+    for name in ("G", "D"):
+        a, b = (getattr(load_networks(p), {"G": "generator", "D": "discriminator"}[name]).state_dict()
+                for p in (snapshot, exported))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}.{key}")
     nets = load_networks(snapshot)
     assert nets.discriminator is not None and nets.generator.img_resolution == 16
     assert (tmp_path / "split" / "samples" / "fakes-00000048.png").is_file()

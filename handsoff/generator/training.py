@@ -496,7 +496,8 @@ def save_snapshot(state: TrainingState, config: TrainingConfig, run: Path) -> Pa
 
 
 def train_gan(config: TrainingConfig) -> Path:
-    """Train (or resume) a run in ``config.out``; returns the path of the last exported network."""
+    """Train (or resume) a run in ``config.out`` up to ``config.total_images``; returns the path of the network
+    exported at the run's last state (exported now when a resumed run is already at its target and lacks it)."""
     from handsoff.visualize import image_grid, save_image_atomic
 
     device = resolve_device(config.device)
@@ -554,7 +555,12 @@ def train_gan(config: TrainingConfig) -> Path:
                              config.grid_size, config.seed)
             last = save_snapshot(state, config, run)
     bar.close()
-    if last is None:
-        snapshots = sorted(run.glob("network-*"))
-        last = snapshots[-1] if snapshots else None
+    if last is None and state.images_seen:
+        # Already at the target: export this state's snapshot if it is missing (a state/ committed without its
+        # network folder), else return it; the same command then serves to export a resumed run's networks.
+        last = run / f"network-{_images_name(state.images_seen)}"
+        if not last.exists():
+            save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
+                             config.grid_size, config.seed)
+            last = save_snapshot(state, config, run)
     return last
