@@ -56,11 +56,10 @@ def test_train_resume_matches_uninterrupted_and_samples(tmp_path, heads16):
     shutil.rmtree(snapshot)
     _train(heads16, tmp_path / "split", 48)
     assert read_state(tmp_path / "split")["images_seen"] == 48
-    for name in ("G", "D"):
-        a, b = (getattr(load_networks(p), {"G": "generator", "D": "discriminator"}[name]).state_dict()
-                for p in (snapshot, exported))
+    for net in ("generator", "discriminator"):
+        a, b = (getattr(load_networks(p), net).state_dict() for p in (snapshot, exported))
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}.{key}")
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{net}.{key}")
     nets = load_networks(snapshot)
     assert nets.discriminator is not None and nets.generator.img_resolution == 16
     assert (tmp_path / "split" / "samples" / "fakes-00000048.png").is_file()

@@ -525,6 +525,11 @@ def train_gan(config: TrainingConfig) -> Path:
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         save_image_atomic(image_grid(data.batch(range(min(config.grid_size, len(data))))), run / "reals.png")
 
+    def export() -> Path:  # the sample grid and network-N/ of the current state, then the state itself
+        save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
+                         config.grid_size, config.seed)
+        return save_snapshot(state, config, run)
+
     last = None
     tick_stats: dict[str, list[float]] = {}
     tick_start, tick_images = time.perf_counter(), state.images_seen
@@ -551,16 +556,12 @@ def train_gan(config: TrainingConfig) -> Path:
             tick_stats, tick_start, tick_images = {}, time.perf_counter(), state.images_seen
         if state.images_seen // config.snapshot_images != (state.images_seen - config.batch) // \
                 config.snapshot_images or done:
-            save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
-                             config.grid_size, config.seed)
-            last = save_snapshot(state, config, run)
+            last = export()
     bar.close()
     if last is None and state.images_seen:
         # Already at the target: export this state's snapshot if it is missing (a state/ committed without its
         # network folder), else return it; the same command then serves to export a resumed run's networks.
         last = run / f"network-{_images_name(state.images_seen)}"
         if not last.exists():
-            save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
-                             config.grid_size, config.seed)
-            last = save_snapshot(state, config, run)
+            last = export()
     return last
