@@ -172,6 +172,7 @@ def cmd_benchmark(args) -> int:
                 "downstream": {"architecture": args.arch, "backbone": args.backbone, "epochs": args.epochs,
                                "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
+                               "labeled_share": args.labeled_share,
                                **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
     results = run_benchmark(args.out, labeled=args.labeled, seeds=args.seeds,
                             validation=args.validation, test=args.test, oracle=args.oracle,
@@ -328,6 +329,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _shares(text: str | None) -> list[float] | None:
+    """--shares "0.75,0.25" as floats (checked against the datasets by train_downstream)."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--shares expects comma-separated fractions, one per --data folder, got {text!r}") from None
+
+
 def cmd_train_downstream(args) -> int:
     from handsoff.distributed import is_main_process
     from handsoff.downstream import train_downstream
@@ -337,7 +348,7 @@ def cmd_train_downstream(args) -> int:
                               backbone=args.backbone, backbone_weights=args.backbone_weights, epochs=args.epochs,
                               batch_size=args.batch, lr=args.lr, patience=args.patience, size=args.size,
                               seed=args.seed, images_per_epoch=args.images_per_epoch, architecture=args.arch,
-                              schedule=args.schedule, device=args.device)
+                              schedule=args.schedule, device=args.device, shares=_shares(args.shares))
     best = max(result["history"], key=lambda h: h["score"])
     if is_main_process():  # under torchrun: once, from the worker that wrote it
         print(f"wrote {args.out}/model.safetensors (best epoch {best['epoch']} of {len(result['history'])} on the "
@@ -505,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE_INT, default=ds["epochs"],
                    help="downstream epochs (every method: the same schedule)")
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=ds["images_per_epoch"])
+    p.add_argument("--labeled-share", type=FRACTION, default=ds.get("labeled_share", 0.0),
+                   help="share of HandsOff's training images drawn from the labeled real images (0: generated only, "
+                   "the paper's protocol)")
     p.add_argument("--batch", type=POSITIVE_INT, default=ds["batch"])
     p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -682,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None,
                    help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any "
                    "size the same schedule")
+    p.add_argument("--shares", help="comma-separated fraction of the images drawn from each --data folder, e.g. "
+                   "0.75,0.25 (default: every image equally likely)")
     p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
                    help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
                    "paper's network (output stride 8)")

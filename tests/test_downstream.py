@@ -47,6 +47,35 @@ def test_fixed_images_per_epoch_cycles_a_small_dataset(tmp_path, splits):
     assert json.loads((out / "history.json").read_text())[0]["images"] == 30
 
 
+def test_epoch_sampler_draws_each_dataset_at_its_share():
+    from handsoff.downstream.train import epoch_sampler
+
+    sizes = [1000, 16]  # a generated dataset and a handful of labeled real images
+    uniform = list(epoch_sampler(sizes, 4000, None, torch.Generator().manual_seed(0)))
+    assert abs(sum(i >= 1000 for i in uniform) / 4000 - 16 / 1016) < 0.01  # every image equally likely
+    drawn = list(epoch_sampler(sizes, 4000, [0.75, 0.25], torch.Generator().manual_seed(0)))
+    real = [i for i in drawn if i >= 1000]
+    assert abs(len(real) / 4000 - 0.25) < 0.03 and set(real) == set(range(1000, 1016))
+    assert drawn == list(epoch_sampler(sizes, 4000, [0.75, 0.25], torch.Generator().manual_seed(0)))
+    assert all(i < 1000 for i in epoch_sampler(sizes, 500, [1.0, 0.0], torch.Generator().manual_seed(1)))
+
+
+def test_shares_are_checked_before_work_and_part_of_the_run(tmp_path, splits, capsys):
+    out = tmp_path / "shared"
+    args = ["train-downstream", "--data", f"{splits['train']},{splits['test']}", "--val", str(splits["val"]),
+            "--tasks", "seg", "--out", str(out), "--epochs", "1", "--batch", "6", "--shares", "0.5,0.4"]
+    assert main(args) == 1  # they must sum to 1
+    assert "shares [0.5, 0.4]" in capsys.readouterr().err and not out.exists()
+    args[-1] = "0.5"  # one per dataset
+    assert main(args) == 1 and "give one fraction" in capsys.readouterr().err and not out.exists()
+    args[-1] = "0.5,0.5"
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["shares"] == [0.5, 0.5]
+    args[-1], args[args.index("--epochs") + 1] = "0.75,0.25", "2"
+    assert main(args) == 1  # resuming with other shares would mix two runs
+    assert "shares" in capsys.readouterr().err
+
+
 def test_an_early_stopped_run_stays_stopped(tmp_path, splits, monkeypatch):
     import handsoff.downstream.train as train
 

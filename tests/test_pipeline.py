@@ -103,6 +103,19 @@ def test_same_config_same_dataset(domain, tmp_path):
             assert pa.read_bytes() == pb.read_bytes(), pa.name
 
 
+def test_labeled_share_puts_the_labeled_images_beside_the_generated(domain, tmp_path):
+    _, paths = domain
+    downstream = {**TINY_STAGES["downstream"], "epochs": 1, "labeled_share": 0.25}
+    config = PipelineConfig.model_validate({**_config(tmp_path / "mixed", paths, curve=[], transfer=False,
+                                                      oracle=None), **TINY_STAGES, "downstream": downstream})
+    run_pipeline(config, progress=False, log=lambda *_: None)
+    saved = json.loads((tmp_path / "mixed/downstream/handsoff/config.json").read_text())
+    assert saved["train"] == [str(tmp_path / "mixed/dataset"), paths["labeled"]] and saved["shares"] == [0.75, 0.25]
+    # Selected on the labeled images it trains on, the network would be chosen by its training error.
+    with pytest.raises(ValueError, match="labeled_share"):
+        PipelineConfig.model_validate({**_config(tmp_path / "x", paths, validation=None), "downstream": downstream})
+
+
 def test_config_errors_name_the_file_and_field(domain, tmp_path):
     _, paths = domain
     bad = tmp_path / "bad.yaml"

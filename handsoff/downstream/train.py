@@ -133,14 +133,28 @@ def _training_samples(datasets, per_dataset: int = NORMALIZATION_SAMPLES):
             yield ds.folder.load(ds.folder.names[i]) if hasattr(ds, "folder") else ds[i]
 
 
+def epoch_sampler(sizes: list[int], n: int, shares: list[float] | None, generator: torch.Generator):
+    """The ``n`` indices of one epoch into the concatenation of datasets of ``sizes``: uniform over all images
+    (``shares`` None; without replacement while they last), or each dataset's expected share of the epoch given by
+    ``shares`` (fractions >= 0 summing to 1; with replacement: each image weighs its dataset's share / its size)."""
+    if shares is None:
+        return torch.utils.data.RandomSampler(range(sum(sizes)), num_samples=n, generator=generator)
+    weights = torch.cat([torch.full((size,), share / size, dtype=torch.float64) for size, share in zip(sizes, shares)])
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=n, generator=generator)
+
+
 def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.PathLike, out: str | os.PathLike, *,
                      tasks: list[str], backbone: str = "resnet18", backbone_weights: str | None = None,
                      epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, patience: int = 5,
                      size: int | None = None,
                      sigma: float = KEYPOINT_SIGMA, seed: int = 0, images_per_epoch: int | None = None,
                      architecture: str = "unet", schedule: str = "onecycle", device: str = "auto",
-                     progress: bool = True) -> dict:
+                     shares: list[float] | None = None, progress: bool = True) -> dict:
     """Train on the union of ``train_dirs``, select on ``val_dir``; resumable from ``out/state.pt``.
+
+    ``shares``: the expected fraction of each epoch's images drawn from each of ``train_dirs`` (one number per
+    folder, summing to 1), e.g. [0.75, 0.25] to give 16 labeled real images a quarter of the batches beside a
+    thousand generated ones; default: every image of the union equally likely (shares proportional to sizes).
 
     ``architecture``: "unet" (full-resolution decoder) or "deeplabv3"; ``schedule``: "onecycle" or "constant"
     learning rate; ``device``: "auto", "cpu", "cuda", "cuda:N".
@@ -156,6 +170,11 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
     rank, world = distributed.init(dev)
     if batch_size % world:
         raise UsageError(f"--batch {batch_size} must be a multiple of the {world} workers")
+    if shares is not None:
+        shares = [float(x) for x in shares]
+        if len(shares) != len(train_dirs) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+            raise UsageError(f"shares {shares}: give one fraction >= 0 per training dataset ({len(train_dirs)}), "
+                             "summing to 1")
     main_process = rank == 0
     out = Path(out)
     torch.manual_seed(seed)
@@ -173,6 +192,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
                 "backbone": backbone, "backbone_weights": str(backbone_weights) if backbone_weights else None,
                 "architecture": architecture, "batch_size": batch_size, "lr": lr,
                 "schedule": schedule, "sigma": sigma, "size": size, "seed": seed, "images_per_epoch": images_per_epoch}
+    if shares is not None:  # absent when unset, so that runs from before shares existed still resume
+        identity["shares"] = shares
     state_path = out / "state.pt"
     state = torch.load(state_path, map_location=dev, weights_only=True) if state_path.exists() else None
     if state is not None and "identity" in state:  # states from before identities were recorded resume unchecked
@@ -211,7 +232,8 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
         torch.set_rng_state(state["rng"].cpu())
     config = {**model.config, "tasks": tasks, "train": [str(d) for d in train_dirs], "val": str(val_dir),
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": schedule, "sigma": sigma,
-              "size": size, "device": str(dev), "mixed_precision": str(dtype).removeprefix("torch.") if dtype else None,
+              "size": size, "shares": shares, "device": str(dev),
+              "mixed_precision": str(dtype).removeprefix("torch.") if dtype else None,
               "classes": card.classes, "keypoint_names": card.keypoint_names,
               "task_configs": [t.config() for t in task_objects]}
     # A resumed run that had already stopped early stays stopped.
@@ -221,7 +243,7 @@ def train_downstream(train_dirs: list[str | os.PathLike], val_dir: str | os.Path
             ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         # A fixed number of images per epoch gives every dataset the same schedule (small ones are cycled).
-        sampler = torch.utils.data.RandomSampler(train, num_samples=n, generator=gen)
+        sampler = epoch_sampler([len(d) for d in train_sets], n, shares, gen)
         batches = distributed.WorkerBatches(sampler, batch_size, n >= batch_size, rank, world)
         loader = torch.utils.data.DataLoader(train, batch_sampler=batches, collate_fn=collate)
         model.train()

@@ -93,7 +93,8 @@ class GenerationSettings(Section):
 class DownstreamSettings(Section):
     """Stage 4 (`handsoff train-downstream`): the same schedule for HandsOff and every baseline. ``architecture``:
     unet (predicts at full resolution: the default, right for low resolutions and CPU) or deeplabv3 (the
-    paper's network at 512 px)."""
+    paper's network at 512 px). ``labeled_share``: the share of HandsOff's training images drawn from the labeled
+    real images beside the generated ones (0: generated only, the paper's protocol)."""
 
     architecture: Literal["unet", "deeplabv3"] = "unet"
     backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet18"
@@ -105,6 +106,7 @@ class DownstreamSettings(Section):
     patience: int = Field(5, ge=1)
     images_per_epoch: int | None = Field(None, ge=1)
     size: int | None = Field(None, ge=16)
+    labeled_share: float = Field(0.0, ge=0, lt=1)
 
 
 class PipelineConfig(Section):
@@ -154,6 +156,13 @@ class PipelineConfig(Section):
         if self.generation.filter_by not in ("combined", *self.tasks):
             raise ValueError(f"generation.filter_by {self.generation.filter_by!r} is not one of the run's tasks "
                              f"({', '.join(self.tasks)}) or combined")
+        return self
+
+    @model_validator(mode="after")
+    def _share_needs_validation(self) -> PipelineConfig:
+        if self.downstream.labeled_share > 0 and self.validation is None:
+            raise ValueError("downstream.labeled_share > 0 trains HandsOff's network on the labeled images, so it "
+                             "needs a validation set of its own to select the network on")
         return self
 
     def to_json(self) -> dict:

@@ -190,9 +190,9 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                                                           label_precision=gen.label_precision),
                          progress=progress, source=label_generator_source(lg_dir))
 
-    def downstream(method: str, train_dirs: list[Path], val_dir: Path, prepare=None) -> Stage:
-        """The downstream network of ``method``, trained on ``train_dirs`` (made by ``prepare()`` first, if given)
-        and evaluated on the test set."""
+    def downstream(method: str, train_dirs: list[Path], val_dir: Path, prepare=None, shares=None) -> Stage:
+        """The downstream network of ``method``, trained on ``train_dirs`` (made by ``prepare()`` first, if given;
+        drawn with ``shares``) and evaluated on the test set."""
         run_dir = out / "downstream" / method
 
         def train():
@@ -202,7 +202,7 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                              backbone_weights=ds.backbone_weights, epochs=ds.epochs, batch_size=ds.batch, lr=ds.lr,
                              patience=ds.patience, size=ds.size, seed=config.seed,
                              images_per_epoch=ds.images_per_epoch, architecture=ds.architecture,
-                             schedule=ds.schedule, device=str(device), progress=progress)
+                             schedule=ds.schedule, device=str(device), shares=shares, progress=progress)
             if config.test is not None:
                 methods[method] = _headline(evaluate_run(run_dir, config.test, device=str(device)))
 
@@ -210,14 +210,22 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         return Stage(f"downstream: {method}", run_dir, run=train,
                      complete=lambda: method in methods or (config.test is None and has_model(run_dir)))
 
-    val = config.validation or config.labeled  # HandsOff's network never trains on the labeled real images
+    val = config.validation or config.labeled
+
+    def handsoff_network(name: str, generated: Path, prepare=None) -> Stage:
+        """HandsOff's network on ``generated``, with the labeled real images beside it if ``labeled_share`` > 0."""
+        if ds.labeled_share == 0:  # the paper's protocol: generated images only
+            return downstream(name, [generated], val, prepare)
+        return downstream(name, [generated, config.labeled], val, prepare,
+                          shares=[1 - ds.labeled_share, ds.labeled_share])
+
     stages = [Stage("inversion", latents, complete=lambda: inversion_complete(latents), run=invert),
               Stage("label generator", lg_dir, complete=lambda: label_generator_complete(lg_dir), run=fit),
               Stage("generation", dataset, complete=lambda: dataset_complete(dataset), run=generate),
-              downstream("handsoff", [dataset], val)]
+              handsoff_network("handsoff", dataset)]
     for n in config.curve:  # the network on the first n generated images
         subset = out / "curve" / f"dataset-{n}"
-        stages.append(downstream(f"handsoff-{n}", [subset], val, prepare=lambda n=n, subset=subset: _subset(
+        stages.append(handsoff_network(f"handsoff-{n}", subset, prepare=lambda n=n, subset=subset: _subset(
             dataset, subset, n)))
     if config.transfer:
         stages.append(downstream("transfer", [config.labeled], config.validation))
