@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE_INT, default=ds["epochs"],
                    help="downstream epochs (every method: the same schedule)")
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=ds["images_per_epoch"])
-    p.add_argument("--labeled-share", type=FRACTION, default=ds.get("labeled_share", 0.0),
+    p.add_argument("--labeled-share", type=FRACTION, default=ds["labeled_share"],
                    help="share of HandsOff's training images drawn from the labeled real images (0: generated only, "
                    "the paper's protocol)")
     p.add_argument("--batch", type=POSITIVE_INT, default=ds["batch"])
