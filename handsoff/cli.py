@@ -329,16 +329,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _shares(text: str | None) -> list[float] | None:
-    """--shares "0.75,0.25" as floats (checked against the datasets by train_downstream)."""
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--shares expects comma-separated fractions, one per --data folder, got {text!r}") from None
-
-
 def cmd_train_downstream(args) -> int:
     from handsoff.distributed import is_main_process
     from handsoff.downstream import train_downstream
@@ -348,7 +338,7 @@ def cmd_train_downstream(args) -> int:
                               backbone=args.backbone, backbone_weights=args.backbone_weights, epochs=args.epochs,
                               batch_size=args.batch, lr=args.lr, patience=args.patience, size=args.size,
                               seed=args.seed, images_per_epoch=args.images_per_epoch, architecture=args.arch,
-                              schedule=args.schedule, device=args.device, shares=_shares(args.shares))
+                              schedule=args.schedule, device=args.device, shares=args.shares)
     best = max(result["history"], key=lambda h: h["score"])
     if is_main_process():  # under torchrun: once, from the worker that wrote it
         print(f"wrote {args.out}/model.safetensors (best epoch {best['epoch']} of {len(result['history'])} on the "
@@ -421,6 +411,14 @@ def _number(kind, minimum=None, maximum=None, low_open=False, high_open=False):
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def _float_list(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers ("0.75,0.25"), checked where they are used."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -696,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None,
                    help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any "
                    "size the same schedule")
-    p.add_argument("--shares", help="comma-separated fraction of the images drawn from each --data folder, e.g. "
+    p.add_argument("--shares", type=_float_list, help="comma-separated fraction of the images drawn from each --data folder, e.g. "
                    "0.75,0.25 (default: every image equally likely)")
     p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
                    help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
