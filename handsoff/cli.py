@@ -694,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-epoch", type=POSITIVE_INT, default=None,
                    help="images drawn per epoch (default: the dataset size); a fixed number gives datasets of any "
                    "size the same schedule")
-    p.add_argument("--shares", type=_float_list, help="comma-separated fraction of the images drawn from each --data folder, e.g. "
+    p.add_argument("--shares", type=_float_list,
+                   help="comma-separated fraction of the images drawn from each --data folder, e.g. "
                    "0.75,0.25 (default: every image equally likely)")
     p.add_argument("--arch", default="unet", choices=ARCHITECTURES,
                    help="unet: predicts at full resolution (small parts, low resolution, CPU); deeplabv3: the "
