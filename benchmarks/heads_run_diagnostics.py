@@ -65,7 +65,8 @@ def main() -> None:
     header = f"{'':<26}" + "".join(f"{c[:7]:>8}" for c in heads.CLASSES)
 
     names, ws, _ = load_latents(args.run / "inversion" / "latents.safetensors")
-    _, reals, masks = load_split(labeled, names)
+    mirrored = args.run / "labeled-mirrored"  # label_generator.mirror: the labeled images and their mirrors
+    _, reals, masks = load_split(mirrored if mirrored.is_dir() else labeled, names)
     reconstructions = G.synthesis(ws).clamp(-1, 1)
     psnr = float((10 * torch.log10(4 / ((reconstructions - reals) ** 2).mean((1, 2, 3)))).mean())
     real, rec = scored(probe, reals, masks), scored(probe, reconstructions, masks)

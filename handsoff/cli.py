@@ -168,7 +168,7 @@ def cmd_benchmark(args) -> int:
     from handsoff.pipeline.benchmark import run_benchmark
 
     settings = {"inversion": {"steps": args.inversion_steps},
-                "label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps},
+                "label_generator": {"max_steps": args.lg_steps, "min_steps": args.lg_steps, "mirror": args.mirror},
                 "downstream": {"architecture": args.arch, "backbone": args.backbone, "epochs": args.epochs,
                                "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W+ optimization steps per labeled image")
     p.add_argument("--lg-steps", type=POSITIVE_INT, default=DEMO["label_generator"]["max_steps"],
                    help="label generator training steps")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEMO["label_generator"]["mirror"],
+                   help="fit the label generator on the labeled heads and their left-right mirrors (--no-mirror: "
+                   "the labeled heads alone, the paper's protocol)")
     p.add_argument("--arch", default=ds["architecture"], choices=ARCHITECTURES, help="downstream network (every "
                    "method)")
     p.add_argument("--backbone", default=ds["backbone"], help="resnet18 (CPU), resnet50, resnet101, "

@@ -148,8 +148,9 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
         if "min_class_fraction" in cli:  # repeated CLASS=F options, parsed as the config's mapping
             cli["min_class_fraction"] = _class_fractions(cli["min_class_fraction"] or [])
         # labeled_share says which datasets `run` gives HandsOff's network; train-downstream takes them as
-        # --data (and --shares) instead.
-        fields = [f for f in settings.model_fields if f != "labeled_share"]
+        # --data (and --shares) instead. mirror says which labeled images `run` inverts and fits on; invert and
+        # fit take that folder as --images / --labels (write_mirrored_dataset makes it).
+        fields = [f for f in settings.model_fields if f not in ("labeled_share", "mirror")]
         assert set(fields) <= set(cli), command  # every run-config setting is a CLI option
         for field in fields:
             assert settings.model_fields[field].get_default(call_default_factory=True) == cli[field], (command, field)

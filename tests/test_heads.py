@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from handsoff.data.dataset import LabeledImageDataset, joint_transform
-from handsoff.data.layout import LabeledFolder
+from handsoff.data.dataset import LabeledImageDataset, joint_transform, write_mirrored_dataset
+from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.domains import heads
 from handsoff.domains.heads import CLASSES, KEYPOINTS, render_heads, write_heads_dataset
 
@@ -131,6 +131,26 @@ def test_written_dataset_roundtrip_and_flip(tmp_path):
     assert torch.allclose(flipped["keypoints"][left, 0], 64 - plain["keypoints"][right, 0])
     assert torch.equal(flipped["keypoints"][left, 1], plain["keypoints"][right, 1])
     assert (plain["image"].min() >= -1) and (plain["image"].max() <= 1)
+
+
+def test_mirrored_dataset_holds_each_sample_and_its_mirror(tmp_path):
+    out = write_heads_dataset(tmp_path / "heads", n=3, seed=2, size=32, progress=False)
+    folder, mirrored = LabeledFolder(out), LabeledFolder(write_mirrored_dataset(out, tmp_path / "mirrored"))
+    assert sorted(mirrored.names) == sorted(folder.names + [n + "-mirror" for n in folder.names])
+    left, right = KEYPOINTS.index("left_eye"), KEYPOINTS.index("right_eye")
+    for name in folder.names:
+        a, m = folder.load(name), mirrored.load(name + "-mirror")
+        assert np.array_equal(mirrored.load(name)["image"], a["image"])  # the originals, unchanged
+        assert np.array_equal(m["image"], a["image"][:, ::-1]) and np.array_equal(m["mask"], a["mask"][:, ::-1])
+        assert np.allclose(m["depth"], a["depth"][:, ::-1])
+        # The mirror's left eye is where the original's right eye was, reflected.
+        assert np.isclose(m["keypoints"][left, 0], 32 - a["keypoints"][right, 0], atol=1e-3)
+        assert np.isclose(m["keypoints"][left, 1], a["keypoints"][right, 1], atol=1e-3)
+    with pytest.raises(DatasetError, match="-mirror"):  # names clash: an error, never an overwrite
+        write_mirrored_dataset(tmp_path / "mirrored", tmp_path / "twice")
+    stamp = (tmp_path / "mirrored" / "dataset.json").stat().st_mtime_ns
+    write_mirrored_dataset(out, tmp_path / "mirrored")  # complete: reused, not rewritten
+    assert (tmp_path / "mirrored" / "dataset.json").stat().st_mtime_ns == stamp
 
 
 def test_crop_resize_keeps_labels_consistent(tmp_path):

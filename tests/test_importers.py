@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from handsoff.cli import main
+from handsoff.data.dataset import write_mirrored_dataset
 from handsoff.data.importers import import_coco, import_handsoff_faces, import_palette_masks, load_class_mapping
 from handsoff.data.layout import DatasetError, LabeledFolder
 
@@ -35,6 +36,12 @@ def test_handsoff_faces_with_19_to_8_merge(tmp_path):
     import_handsoff_faces(src, tmp_path / "raw", mapping=None)
     raw = LabeledFolder(tmp_path / "raw")
     assert len(raw.card.classes) == 19 and ("l_eye", "r_eye") in raw.card.class_flip_pairs
+    # Mirrored (label_generator.mirror), a left eye becomes a right eye; non-square images keep their shape.
+    mirror = LabeledFolder(write_mirrored_dataset(tmp_path / "raw", tmp_path / "mirrored")).load("image_0-mirror")
+    before = raw.load("image_0")["mask"]
+    assert mirror["mask"].shape == (8, 10) and mirror["image"].shape == (8, 10, 3)
+    assert [raw.card.classes[v] for v in before[0, 4:7]] == ["l_eye", "r_eye", "l_brow"]
+    assert [raw.card.classes[v] for v in mirror["mask"][0, ::-1][4:7]] == ["r_eye", "l_eye", "r_brow"]
 
 
 def test_handsoff_faces_broken_inputs(tmp_path):

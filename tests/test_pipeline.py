@@ -14,6 +14,7 @@ from handsoff.cli import main
 from handsoff.data.layout import DatasetError, LabeledFolder
 from handsoff.domains.heads import SPLIT_SEEDS, write_heads_dataset
 from handsoff.generator import save_networks
+from handsoff.inversion import load_latents
 from handsoff.pipeline import PipelineConfig, load_config, run_pipeline
 from handsoff.pipeline.benchmark import method_order, run_benchmark
 
@@ -114,6 +115,22 @@ def test_labeled_share_puts_the_labeled_images_beside_the_generated(domain, tmp_
     # Selected on the labeled images it trains on, the network would be chosen by its training error.
     with pytest.raises(ValueError, match="labeled_share"):
         PipelineConfig.model_validate({**_config(tmp_path / "x", paths, validation=None), "downstream": downstream})
+
+
+def test_mirror_fits_the_label_generator_on_the_labeled_images_and_their_mirrors(domain, tmp_path):
+    _, paths = domain
+    label_generator = {**TINY_STAGES["label_generator"], "mirror": True}
+    config = PipelineConfig.model_validate({**_config(tmp_path / "m", paths, curve=[], transfer=False, oracle=None),
+                                            "label_generator": label_generator,
+                                            "downstream": {**TINY_STAGES["downstream"], "epochs": 1}})
+    run_pipeline(config, progress=False, log=lambda *_: None)
+    names = LabeledFolder(paths["labeled"]).names
+    inverted, _, _ = load_latents(tmp_path / "m/inversion/latents.safetensors")
+    assert sorted(inverted) == sorted(names + [n + "-mirror" for n in names])
+    fit = json.loads((tmp_path / "m/label_generator/config.json").read_text())
+    assert fit["metadata"]["fit"]["images"] == 2 * len(names)
+    # The downstream networks still see the labeled set as given.
+    assert len(LabeledFolder(tmp_path / "m/labeled-mirrored")) == 2 * len(names)
 
 
 def test_config_errors_name_the_file_and_field(domain, tmp_path):

@@ -86,3 +86,43 @@ class LabeledImageDataset(torch.utils.data.Dataset):
             box = (int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)), side, side)
             flip = bool(rng.uniform() < self.flip_p)
         return joint_transform(sample, out_size, box, flip, self.flip_permutations)
+
+
+MIRROR_SUFFIX = "-mirror"
+
+
+def write_mirrored_dataset(source: str | os.PathLike, out: str | os.PathLike) -> os.PathLike:
+    """The labeled dataset ``source`` (standard layout) plus the left-right mirror of every sample, named
+    NAME-mirror, written to ``out`` (reused when already complete: dataset.json is written last).
+
+    The image is flipped exactly (no resampling); labels as ``joint_transform`` flips them, with left/right
+    classes and keypoints swapped by the card's flip pairs, so a mirrored sample is a correct sample only where
+    the card names its left/right pairs. Twice the examples for the label generator at the cost of inverting
+    each image twice (HandsOff fits on the labeled images alone).
+    """
+    from pathlib import Path
+
+    from handsoff.data.layout import DatasetWriter, LabeledFolder
+    from handsoff.tasks import card_tasks
+
+    out = Path(out)
+    if (out / "dataset.json").exists():
+        return out
+    folder = LabeledFolder(source)
+    permutations = {t.name: t.flip_permutation(folder.card) for t in card_tasks(folder.card)}
+    writer = DatasetWriter(out, folder.card, overwrite=True)  # a folder left by a kill is rewritten whole
+    for name in folder.names:
+        sample = folder.load(name)
+        h, w = sample["image"].shape[:2]
+        mirrored = joint_transform(sample, (h, w), (0, 0, w, h), True, permutations)
+        labels = {key: value for key, value in sample.items() if key not in ("name", "image")}
+        writer.add(name, sample["image"], **labels)
+        writer.add(name + MIRROR_SUFFIX, np.ascontiguousarray(sample["image"][:, ::-1]),
+                   **{key: _stored(key, mirrored[key]) for key in labels})
+    return writer.close()
+
+
+def _stored(key: str, value: torch.Tensor) -> np.ndarray:
+    """A label as ``joint_transform`` returns it -> as a sample stores it (depth (1, H, W) -> (H, W))."""
+    value = value.numpy()
+    return value[0] if key == "depth" else value

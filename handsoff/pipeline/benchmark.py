@@ -41,7 +41,7 @@ TASKS = list(TASK_NAMES)  # every registered task
 # bring what the generator rarely draws (glasses IoU 0.02 -> 0.23).
 DEMO = dict(labeled=16, validation=200, test=500, oracle=2000, generated=1112, curve=[],
             inversion=dict(steps=300),
-            label_generator=dict(max_steps=1200, min_steps=1200),
+            label_generator=dict(max_steps=1200, min_steps=1200, mirror=True),
             downstream=dict(architecture="unet", backbone="resnet18", epochs=8, images_per_epoch=768, batch=8,
                             lr=2e-3, patience=8, labeled_share=0.25))
 

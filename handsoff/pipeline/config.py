@@ -53,7 +53,10 @@ class InversionSettings(Section):
 
 
 class LabelGeneratorSettings(Section):
-    """Stage 2 (`handsoff fit`): the MLP ensemble (HandsOff: 10 members, widths 256 / 32, Adam 1e-3)."""
+    """Stage 2 (`handsoff fit`): the MLP ensemble (HandsOff: 10 members, widths 256 / 32, Adam 1e-3). ``mirror``:
+    invert and fit on every labeled image and its left-right mirror (``write_mirrored_dataset``; the labeled set
+    alone is HandsOff's protocol). Only for domains whose dataset card names its left/right classes and
+    keypoints."""
 
     label_size: int | None = Field(None, ge=4)
     members: int = Field(10, ge=1)
@@ -66,6 +69,7 @@ class LabelGeneratorSettings(Section):
     pixels: int = Field(1024, ge=1)
     lr: float = Field(1e-3, gt=0)
     keypoint_sigma: float = Field(KEYPOINT_SIGMA, gt=0)
+    mirror: bool = False
 
 
 class GenerationSettings(Section):

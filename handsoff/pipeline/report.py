@@ -220,9 +220,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     results = json.loads((run_dir / "results.json").read_text())
     config = results["settings"]
     methods = results.get("methods", {})
+    mirrors = " (fitted with their mirrors)" if config["label_generator"].get("mirror") else ""
     parts = [f"<h1>handsoff report</h1><p class='muted'>{html.escape(str(run_dir.resolve().name))}: generator "
              f"<code>{html.escape(config['generator'])}</code>, {len(LabeledFolder(config['labeled']))} labeled "
-             f"images, tasks {', '.join(config['tasks'])}; downstream "
+             f"images{mirrors}, tasks {', '.join(config['tasks'])}; downstream "
              f"{config['downstream'].get('architecture', 'deeplabv3')} on {config['downstream']['backbone']} "
              f"({html.escape(results.get('downstream_init', ''))}).</p>"]
 

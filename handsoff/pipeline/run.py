@@ -5,6 +5,7 @@ command after a kill continues where it stopped)::
 
     config.json                 the validated config the run was started with (a rerun must match it)
     inputs.json                 fingerprints of the generator and the datasets it used (a rerun must match them)
+    labeled-mirrored/           the labeled images and their mirrors (only with label_generator.mirror)
     inversion/latents.safetensors (+ .json figures, .png real | encoder | refined)
     label_generator/            the fitted label generator (what `handsoff generate` accepts) + preview.png
     dataset/                    the generated labeled dataset (standard layout, manifest.jsonl, dataset.json)
@@ -34,7 +35,8 @@ from handsoff.runtime import release_memory, resolve_device
 
 METHODS = ("handsoff", "transfer", "oracle")
 # What a run writes into config.out (see the layout above); other files there are left alone.
-RUN_OUTPUTS = ("inversion", "label_generator", "dataset", "downstream", "curve", "results.json", "report.html")
+RUN_OUTPUTS = ("labeled-mirrored", "inversion", "label_generator", "dataset", "downstream", "curve", "results.json",
+               "report.html")
 
 
 @dataclass
@@ -162,19 +164,25 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
     dataset = out / "dataset"
     inv, lg, gen, ds = config.inversion, config.label_generator, config.generation, config.downstream
     methods = results.get("methods", {})
+    # What the label generator learns from: the labeled images, or them and their mirrors (written once, small).
+    fit_images = config.labeled
+    if lg.mirror:
+        from handsoff.data.dataset import write_mirrored_dataset
+
+        fit_images = write_mirrored_dataset(config.labeled, out / "labeled-mirrored")
 
     def invert():
         perceptual = None if inv.perceptual == "none" else build_perceptual(inv.perceptual, nets.discriminator,
                                                                              inv.lpips_vgg, inv.lpips_lin)
         encoder = load_encoder(inv.encoder, device) if inv.encoder else None
-        invert_folder(G, config.labeled, latents, perceptual, encoder, progress=progress,
+        invert_folder(G, fit_images, latents, perceptual, encoder, progress=progress,
                       settings={"generator": config.generator, "encoder": str(inv.encoder) if inv.encoder else None},
                       steps=inv.steps, lr=inv.lr, lambda_perceptual=inv.lambda_perceptual, lambda_mse=inv.lambda_mse,
                       lambda_reg=inv.lambda_reg, batch=inv.batch, memory_gb=inv.memory_gb)
 
     def fit():
         torch.manual_seed(config.seed)
-        fit_from_folder(G, latents, config.labeled, lg_dir, tasks=list(config.tasks), label_size=lg.label_size,
+        fit_from_folder(G, latents, fit_images, lg_dir, tasks=list(config.tasks), label_size=lg.label_size,
                         members=lg.members, hidden=lg.hidden, hidden2=lg.hidden2, keypoint_sigma=lg.keypoint_sigma,
                         seed=config.seed, generator_ref=config.generator, progress=progress,
                         max_steps=lg.max_steps, min_steps=lg.min_steps, patience=lg.patience,
