@@ -129,8 +129,12 @@ def test_mirror_fits_the_label_generator_on_the_labeled_images_and_their_mirrors
     assert sorted(inverted) == sorted(names + [n + "-mirror" for n in names])
     fit = json.loads((tmp_path / "m/label_generator/config.json").read_text())
     assert fit["metadata"]["fit"]["images"] == 2 * len(names)
-    # The downstream networks still see the labeled set as given.
     assert len(LabeledFolder(tmp_path / "m/labeled-mirrored")) == 2 * len(names)
+    # A run started before a setting existed resumes: the setting compares at its default.
+    saved = json.loads((tmp_path / "m/config.json").read_text())
+    del saved["downstream"]["labeled_share"]
+    (tmp_path / "m/config.json").write_text(json.dumps(saved))
+    run_pipeline(config, progress=False, log=lambda *_: None)
 
 
 def test_config_errors_name_the_file_and_field(domain, tmp_path):

@@ -135,7 +135,12 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
     saved = out / "config.json"
     # The device is where the run executes, not what it computes: a run may resume on another device.
     if saved.exists():
-        before = {**json.loads(saved.read_text()), "device": config.device}
+        before = json.loads(saved.read_text())
+        try:  # a setting added since the run started compares at its default (what the run used)
+            before = PipelineConfig.model_validate(before).to_json()
+        except ValueError:  # a setting since removed: compared as written, so the rerun is refused by name
+            pass
+        before["device"] = config.device
         if before != config.to_json():
             changed = sorted(k for k in before.keys() | config.to_json().keys()
                              if before.get(k) != config.to_json().get(k))
