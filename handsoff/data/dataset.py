@@ -117,12 +117,7 @@ def write_mirrored_dataset(source: str | os.PathLike, out: str | os.PathLike) ->
         mirrored = joint_transform(sample, (h, w), (0, 0, w, h), True, permutations)
         labels = {key: value for key, value in sample.items() if key not in ("name", "image")}
         writer.add(name, sample["image"], **labels)
+        # Back to the stored shapes (joint_transform gives depth a channel axis).
         writer.add(name + MIRROR_SUFFIX, np.ascontiguousarray(sample["image"][:, ::-1]),
-                   **{key: _stored(key, mirrored[key]) for key in labels})
+                   **{key: mirrored[key].numpy().reshape(np.shape(value)) for key, value in labels.items()})
     return writer.close()
-
-
-def _stored(key: str, value: torch.Tensor) -> np.ndarray:
-    """A label as ``joint_transform`` returns it -> as a sample stores it (depth (1, H, W) -> (H, W))."""
-    value = value.numpy()
-    return value[0] if key == "depth" else value

@@ -141,9 +141,9 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
         except ValueError:  # a setting since removed: compared as written, so the rerun is refused by name
             pass
         before["device"] = config.device
-        if before != config.to_json():
-            changed = sorted(k for k in before.keys() | config.to_json().keys()
-                             if before.get(k) != config.to_json().get(k))
+        now = config.to_json()
+        if before != now:
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             raise OutputError(f"{saved}: this folder holds a run with other settings ({', '.join(changed)}); "
                               "choose another out, or delete the folder to start fresh")
     elif clash := [name for name in RUN_OUTPUTS if (out / name).exists()]:
