@@ -179,9 +179,10 @@ def cmd_benchmark(args) -> int:
                             generated=args.generated, settings=settings, device=args.device,
                             framing=args.framing, generator=args.generator, progress=not args.quiet)
     from handsoff.metrics.labels import results_table
+    from handsoff.pipeline.benchmark import versus_table
 
     print(f"\n{results['seeds']} seed(s), mean ± std, {results['downstream_init']}\n"
-          f"{results_table(results['methods'])}")
+          f"{results_table(results['methods'])}\n\n{versus_table(results['versus_transfer'])}")
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'table.txt'}")
     return 0
 

@@ -197,6 +197,34 @@ def test_benchmark_aggregates_over_seeds(domain, tmp_path):
     small = sorted(p.stem for p in (tmp_path / "b/data/labeled-seed0-2/images").iterdir())
     assert set(small) <= set(names[0])
     assert "±" in (tmp_path / "b/table.txt").read_text()
+    # HandsOff against Transfer, paired by seed, from the same cells
+    lead = results["versus_transfer"][3]["miou"]
+    transfer = results["methods"]["transfer-3"]["miou"]["values"]
+    assert lead["values"] == pytest.approx([h - t for h, t in zip(agg["values"], transfer)])
+    assert "3 labeled: miou" in (tmp_path / "b/table.txt").read_text()
+
+
+def test_versus_transfer_pairs_seeds_and_flags_a_lead_beyond_twice_the_spread():
+    from handsoff.pipeline.benchmark import versus_table, versus_transfer
+
+    per_cell = {"handsoff-4": [{"miou": 0.40, "depth_rmse": 1.5}, {"miou": 0.42, "depth_rmse": 1.7}],
+                "transfer-4": [{"miou": 0.30, "depth_rmse": 2.0}, {"miou": 0.34, "depth_rmse": 1.6}],
+                "handsoff-16": [{"miou": 0.50}, {"miou": 0.40}],
+                "transfer-16": [{"miou": 0.45}, {"miou": 0.45}],
+                "oracle": [{"miou": 0.70}, {"miou": 0.74}]}
+    versus = versus_transfer(per_cell, [16, 4])
+    assert list(versus) == [4, 16]
+    four = versus[4]
+    assert four["miou"]["values"] == pytest.approx([0.10, 0.08])
+    assert four["miou"]["significant"]                                   # 0.09 > 2 * 0.01
+    assert four["depth_rmse"]["values"] == pytest.approx([0.5, -0.1])     # lower is better: Transfer - HandsOff
+    assert not four["depth_rmse"]["significant"]
+    assert four["miou"]["gap_closed"]["values"] == pytest.approx([0.10 / 0.40, 0.08 / 0.40])
+    assert not versus[16]["miou"]["significant"]                          # +0.05 and -0.05: mean 0
+    assert "4 labeled: miou +0.090 ± 0.010*" in versus_table(versus)
+    # One seed: the spread is unknown, so nothing is called significant.
+    single = versus_transfer({k: v[:1] for k, v in per_cell.items()}, [4])
+    assert single[4]["miou"]["mean"] == pytest.approx(0.10) and not single[4]["miou"]["significant"]
 
 
 def test_benchmark_orders_sizes_as_numbers():

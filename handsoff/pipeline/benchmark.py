@@ -111,6 +111,55 @@ def _aggregate(values: list[float]) -> dict:
             "std": float(np.std(finite)) if finite else float("nan"), "values": values}
 
 
+# Headline metrics where lower is better (the rest: higher is better).
+LOWER_IS_BETTER = ("depth_mse", "depth_rmse", "depth_rmse_log")
+
+
+def versus_transfer(per_cell: dict[str, list[dict]], labeled: list[int]) -> dict:
+    """HandsOff against Transfer, paired by seed (both from the same labeled images), per labeled size and headline
+    metric: the per-seed difference HandsOff - Transfer (for depth errors Transfer - HandsOff, so that positive
+    always favours HandsOff), its mean and std over seeds, whether the mean exceeds twice the std (with one seed:
+    never, the spread is unknown), and for mIoU the share of the Transfer-to-Oracle gap HandsOff closes,
+    (HandsOff - Transfer) / (Oracle - Transfer) per seed. ``per_cell``: method name -> per-seed metrics, as
+    ``run_benchmark`` collects them ("handsoff-16", "transfer-16", "oracle")."""
+    out = {}
+    for n in sorted(labeled):
+        handsoff, transfer = per_cell.get(f"handsoff-{n}"), per_cell.get(f"transfer-{n}")
+        if not handsoff or not transfer:
+            continue
+        rows = {}
+        for metric in HEADLINE:
+            pairs = [(h.get(metric), t.get(metric)) for h, t in zip(handsoff, transfer)]
+            differences = [(t - h if metric in LOWER_IS_BETTER else h - t) for h, t in pairs
+                           if h is not None and t is not None and not (math.isnan(h) or math.isnan(t))]
+            if not differences:
+                continue
+            row = _aggregate(differences)
+            row["significant"] = len(differences) > 1 and row["mean"] > 2 * row["std"]
+            rows[metric] = row
+        oracle = per_cell.get("oracle", [])
+        if "miou" in rows and len(oracle) == len(handsoff):
+            rows["miou"]["gap_closed"] = _aggregate([(h["miou"] - t["miou"]) / (o["miou"] - t["miou"])
+                                                     for h, t, o in zip(handsoff, transfer, oracle)
+                                                     if o["miou"] != t["miou"]])
+        out[n] = rows
+    return out
+
+
+def versus_table(versus: dict) -> str:
+    """Plain text of ``versus_transfer``: per size, HandsOff's lead on each metric (mean ± std over seeds; '*' where
+    it exceeds twice the std) and the share of the Transfer-to-Oracle mIoU gap it closes."""
+    lines = ["HandsOff - Transfer, paired by seed (depth: Transfer - HandsOff; positive favours HandsOff; "
+             "* mean > 2 std)"]
+    for n, rows in versus.items():
+        cells = [f"{m} {r['mean']:+.3f} ± {r['std']:.3f}{'*' if r['significant'] else ''}" for m, r in rows.items()]
+        gap = rows.get("miou", {}).get("gap_closed")
+        if gap:
+            cells.append(f"mIoU gap closed {gap['mean']:.0%} ± {gap['std']:.0%}")
+        lines.append(f"{n} labeled: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def method_order(names) -> list[str]:
     """Table order of benchmark methods ("transfer-16", "handsoff-4", "oracle"): Transfer rows, then HandsOff,
     each by labeled-set size as a number (4 before 16), the Oracle last."""
@@ -156,9 +205,11 @@ def run_benchmark(out: str | Path, *, labeled: list[int], seeds: int, validation
     downstream = settings.get("downstream", {})
     init = ("ImageNet (local file)" if downstream.get("backbone_weights") else "random") + " init"
     network = f"{downstream.get('architecture', 'unet')} on {downstream.get('backbone', 'resnet18')}"
+    versus = versus_transfer(per_cell, labeled)
     table = (f"{Path(generator).name} ({framing} heads), mean ± std over {seeds} seed(s); every method: {network}, "
-             f"{init}, the same schedule\n{results_table(summary)}")
-    results = {"methods": summary, "seeds": seeds, "labeled": labeled, "downstream_init": init,
+             f"{init}, the same schedule\n{results_table(summary)}\n\n{versus_table(versus)}")
+    results = {"methods": summary, "versus_transfer": versus, "seeds": seeds, "labeled": labeled,
+               "downstream_init": init,
                "sizes": {"validation": validation, "test": test, "oracle": oracle, "generated": generated},
                "settings": settings, "generator": generator, "framing": framing, "tasks": TASKS}
     atomic_write_json(out / "results.json", results)
