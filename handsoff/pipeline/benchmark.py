@@ -118,7 +118,7 @@ LOWER_IS_BETTER = ("depth_mse", "depth_rmse", "depth_rmse_log")
 def versus_transfer(per_cell: dict[str, list[dict]], labeled: list[int]) -> dict:
     """HandsOff against Transfer, paired by seed (both from the same labeled images), per labeled size and headline
     metric: the per-seed difference HandsOff - Transfer (for depth errors Transfer - HandsOff, so that positive
-    always favours HandsOff), its mean and std over seeds, whether the mean exceeds twice the std (with one seed:
+    always favours HandsOff), its mean and std over seeds (population std, as the tables' ±), whether the mean exceeds twice the std (with one seed:
     never, the spread is unknown), and for mIoU the share of the Transfer-to-Oracle gap HandsOff closes,
     (HandsOff - Transfer) / (Oracle - Transfer) per seed. ``per_cell``: method name -> per-seed metrics, as
     ``run_benchmark`` collects them ("handsoff-16", "transfer-16", "oracle")."""
