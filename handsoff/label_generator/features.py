@@ -123,8 +123,10 @@ def first_layer_dense(features: list[torch.Tensor], groups: list[FeatureGroup], 
     Equal to resizing everything and concatenating (``materialized_hypercolumns``), without doing so. Computed
     in bands of ``band`` rows (default: all at once) by ``first_layer_bands``.
     """
-    bands = first_layer_bands(features, groups, weight, bias, size, band or size, block)
-    return torch.cat([h.clone() for _, h in bands], 1)
+    out = torch.empty(features[0].shape[0], size, size, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for rows, h in first_layer_bands(features, groups, weight, bias, size, band or size, block):
+        out[:, rows.start:rows.stop] = h  # each band is a view of one reused buffer
+    return out
 
 
 def _interpolation_matrix(size: int, r: int) -> torch.Tensor:

@@ -103,6 +103,8 @@ def depth_errors(pred_list, target_list) -> dict:
 
 
 HEADLINE = ("miou", "pck@0.1", "pck@0.05", "pck@0.02", "depth_mse", "depth_rmse", "depth_rmse_log")
+# Headline metrics where lower is better (the rest: higher is better).
+LOWER_IS_BETTER = frozenset({"depth_mse", "depth_rmse", "depth_rmse_log"})
 
 
 def metric_table(rows: dict[str, dict], columns: tuple[str, ...] = HEADLINE) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from handsoff.domains import heads
 from handsoff.fileio import atomic_write_bytes, atomic_write_json
-from handsoff.metrics.labels import HEADLINE, results_table
+from handsoff.metrics.labels import HEADLINE, LOWER_IS_BETTER, results_table
 from handsoff.pipeline.config import PipelineConfig
 from handsoff.pipeline.run import run_pipeline
 from handsoff.tasks import TASK_NAMES
@@ -111,17 +111,13 @@ def _aggregate(values: list[float]) -> dict:
             "std": float(np.std(finite)) if finite else float("nan"), "values": values}
 
 
-# Headline metrics where lower is better (the rest: higher is better).
-LOWER_IS_BETTER = ("depth_mse", "depth_rmse", "depth_rmse_log")
-
-
 def versus_transfer(per_cell: dict[str, list[dict]], labeled: list[int]) -> dict:
     """HandsOff against Transfer, paired by seed (both from the same labeled images), per labeled size and headline
     metric: the per-seed difference HandsOff - Transfer (for depth errors Transfer - HandsOff, so that positive
-    always favours HandsOff), its mean and std over seeds (population std, as the tables' ±), whether the mean exceeds twice the std (with one seed:
-    never, the spread is unknown), and for mIoU the share of the Transfer-to-Oracle gap HandsOff closes,
-    (HandsOff - Transfer) / (Oracle - Transfer) per seed. ``per_cell``: method name -> per-seed metrics, as
-    ``run_benchmark`` collects them ("handsoff-16", "transfer-16", "oracle")."""
+    always favours HandsOff), its mean and std over seeds (population std, as the tables' ±), whether the mean
+    exceeds twice the std (with one seed: never, the spread is unknown), and for mIoU the share of the
+    Transfer-to-Oracle gap HandsOff closes, (HandsOff - Transfer) / (Oracle - Transfer) per seed. ``per_cell``:
+    method name -> per-seed metrics, as ``run_benchmark`` collects them ("handsoff-16", "transfer-16", "oracle")."""
     out = {}
     for n in sorted(labeled):
         handsoff, transfer = per_cell.get(f"handsoff-{n}"), per_cell.get(f"transfer-{n}")

@@ -20,13 +20,12 @@ import torch
 from PIL import Image
 
 from handsoff.fileio import atomic_write_bytes
-from handsoff.metrics.labels import HEADLINE
+from handsoff.metrics.labels import HEADLINE, LOWER_IS_BETTER
 from handsoff.pipeline.run import comparison
 
 # Column headings for the headline metrics, in the order of the text tables.
 METRIC_LABELS = dict(zip(HEADLINE, ("mIoU", "PCK@0.1", "PCK@0.05", "PCK@0.02", "depth MSE", "depth RMSE",
                                     "depth RMSE-log")))
-LOWER_IS_BETTER = {"depth_mse", "depth_rmse", "depth_rmse_log"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
