@@ -197,7 +197,7 @@ def cmd_train_gan(args) -> int:
         r1_interval=args.r1_interval, pl_weight=args.pl_weight, style_mixing=args.style_mixing,
         augment=args.augment, augment_p=args.augment_p, ada_target=args.ada_target, precision=args.precision,
         num_fp16_res=args.fp16_res, seed=args.seed, device=args.device, tick_images=args.tick,
-        snapshot_images=args.snapshot)
+        snapshot_images=args.snapshot, init_from=args.init_from)
     t0 = time.perf_counter()
     last = train_gan(config)
     print(f"latest network: {last} ({time.perf_counter() - t0:.0f} s this session); sample it with "
@@ -591,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=POSITIVE_INT, default=T.tick_images, help="log every this many images")
     p.add_argument("--snapshot", type=POSITIVE_INT, default=T.snapshot_images,
                    help="export a network, a sample grid and the resumable state every this many images")
+    p.add_argument("--init-from", metavar="RUN", help="start a new --out from RUN's state, widened to this "
+                   "--channel-base / --channel-max (the wider networks compute exactly what RUN's did; training goes "
+                   "on from RUN's images seen); keep it in the command that resumes the new run")
     p.set_defaults(func=cmd_train_gan, writes="out")
 
     def perceptual_args(p):

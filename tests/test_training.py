@@ -13,7 +13,9 @@ from handsoff import load_networks
 from handsoff.cli import main
 from handsoff.domains.heads import write_heads_dataset
 from handsoff.generator.augment import AdaptiveAugmentation, augment, sample_geometry, warp
+from handsoff.generator.networks import Discriminator, Generator
 from handsoff.generator.training import TrainingConfig, build_state, data_indices, read_state, train_step
+from handsoff.generator.widening import widen_state_dict
 
 TINY_RUN = ["--size", "16", "--z-dim", "16", "--w-dim", "16", "--n-mlp", "2", "--channel-base", "128",
             "--channel-max", "16", "--batch", "8", "--r1-interval", "2", "--pl-weight", "1", "--augment", "ada",
@@ -105,6 +107,73 @@ def test_resume_may_lower_the_learning_rate(tmp_path, heads16, capsys):
     for group in after["opt_G"]["param_groups"]:  # path-length interval 4: rate x 4/5
         assert group["lr"] == pytest.approx(0.0005 * 4 / 5)
     assert before["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.002 * 4 / 5)
+
+
+def _randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (biases, noise strengths and all), so that nothing is zero by initialization."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 0.1)
+    return net.eval()
+
+
+def test_widened_networks_compute_what_the_trained_ones_did():
+    """More feature maps per resolution (channel_base 128 -> 256: 8 -> 16 channels at 16 px): the old channels
+    keep their values, the new ones do not reach any old output, so images, features and logits are unchanged."""
+    small = dict(resolution=16, channel_base=128, channel_max=16)
+    G = _randomized(Generator(z_dim=16, w_dim=16, n_mlp=2, **small), 0)
+    D = _randomized(Discriminator(**small), 1)
+    torch.manual_seed(5)
+    wide = dict(small, channel_base=256)
+    G_wide, D_wide = Generator(z_dim=16, w_dim=16, n_mlp=2, **wide).eval(), Discriminator(**wide).eval()
+    G_wide.load_state_dict(widen_state_dict(G.state_dict(), G_wide.state_dict(), "generator"))
+    D_wide.load_state_dict(widen_state_dict(D.state_dict(), D_wide.state_dict(), "discriminator"))
+    assert G_wide.synthesis.b16.conv1.weight.shape[:2] == (16, 16) and G.synthesis.b16.conv1.weight.shape[:2] == (8, 8)
+
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        img, features = G(z, truncation_psi=0.7, return_features=True)
+        img_wide, features_wide = G_wide(z, truncation_psi=0.7, return_features=True)
+        torch.testing.assert_close(img_wide, img, rtol=1e-5, atol=1e-5)
+        for a, b in zip(features, features_wide):
+            torch.testing.assert_close(b[:, :a.shape[1]], a, rtol=1e-5, atol=1e-5)
+        assert features_wide[-1].shape[1] == 16 and features_wide[-1][:, 8:].abs().sum() > 0  # new maps are live
+        torch.testing.assert_close(D_wide(img), D(img), rtol=1e-5, atol=1e-5)
+
+    # The discriminator's 4x4 epilogue (minibatch std over its channels) cannot widen, nor can anything shrink.
+    D_max = Discriminator(**dict(wide, channel_max=32))
+    with pytest.raises(ValueError, match="b4.*4x4 epilogue"):
+        widen_state_dict(D.state_dict(), D_max.state_dict(), "discriminator")
+    with pytest.raises(ValueError, match="cannot shrink"):
+        widen_state_dict(G_wide.state_dict(), G.state_dict(), "generator")
+
+
+def test_train_gan_init_from_widens_a_run_and_continues_it(tmp_path, heads16, capsys):
+    _train(heads16, tmp_path / "run", 16)
+    wide = ["train-gan", "--data", str(heads16), "--out", str(tmp_path / "wide"), *TINY_RUN]
+    wide[wide.index("--channel-base") + 1] = "256"
+
+    assert main([*wide, "--images", "16", "--init-from", str(tmp_path / "nothing")]) == 1
+    assert "nothing" in capsys.readouterr().err and not (tmp_path / "wide").exists()
+
+    # At the source's images seen nothing is trained: the export is the source's G_ema, widened.
+    assert main([*wide, "--images", "16", "--init-from", str(tmp_path / "run")]) == 0
+    assert "starting from" in capsys.readouterr().out
+    source, widened = (load_networks(tmp_path / r / "network-00000016") for r in ("run", "wide"))
+    channels = [nets.generator.synthesis.b16.conv1.weight.shape[0] for nets in (source, widened)]
+    assert channels == [8, 16]
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(widened.generator(z), source.generator(z), rtol=1e-5, atol=1e-5)
+    state = read_state(tmp_path / "wide")
+    assert state["images_seen"] == 16 and state["augment_p"] == read_state(tmp_path / "run")["augment_p"]
+    # New entries of Adam's second moment start at the parameter's old mean, not zero (a first step of lr / 0.1).
+    assert all(bool((s["exp_avg_sq"] > 0).all()) for s in state["opt_G"]["state"].values())
+
+    assert main([*wide, "--images", "32", "--init-from", str(tmp_path / "run")]) == 0  # the same command resumes
+    log = [json.loads(line) for line in (tmp_path / "wide" / "log.jsonl").read_text().splitlines()]
+    assert [e["images_seen"] for e in log] == [32] and np.isfinite(log[0]["loss_G"])
 
 
 def test_training_data_errors_name_the_file(tmp_path, capsys):

@@ -79,6 +79,9 @@ class TrainingConfig:
     r1_interval, pl_weight (0 = off), pl_interval, style_mixing, ema_images (half-life of the G average, in
     images; None = 10 * batch / 32 thousand), ema_rampup.
     Augmentation: augment 'ada' (adaptive p toward ada_target), 'fixed' (p = augment_p) or 'none'.
+    Start: init_from, a run folder whose state this (new) run starts from, widened to this config's channel_base
+    / channel_max (``handsoff.generator.widening``: the wider networks compute what the source's did; training
+    continues from its images seen, optimizer moments and augmentation p); used only when ``out`` has no state.
     Precision: 'mixed' runs the num_fp16_res highest resolutions of G and D in bf16 (CPU) / fp16 (CUDA, with
     conv_clamp 256); 'fp32' runs everything in float32; 'auto' (default) is 'mixed' on CUDA and, on a CPU, only
     where bf16 measures faster than float32 there (``runtime.reduced_precision_pays``), else 'fp32'.
@@ -119,6 +122,7 @@ class TrainingConfig:
     snapshot_images: int = 20_000
     grid_size: int = 32
     progress: bool = True
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -495,6 +499,28 @@ def save_snapshot(state: TrainingState, config: TrainingConfig, run: Path) -> Pa
     return out
 
 
+def state_from_run(source: Path, state: TrainingState) -> dict:
+    """``source``'s resumable state with its networks and optimizer moments widened to ``state``'s (freshly
+    initialized, seeded) networks, whose values fill the new channels; counters, augmentation p and RNG states as
+    saved. Equal shapes give the source's state unchanged."""
+    from handsoff.generator.widening import widen_adam_state, widen_state_dict
+
+    if not has_state(source):
+        raise TrainingError(f"{source}: holds no {STATE_DIR}/ to start from (--init-from takes a train-gan run folder)")
+    saved = read_state(source)
+    fresh = state.state_dict()
+    widened = dict(saved)
+    try:
+        for net, kind in (("G", "generator"), ("G_ema", "generator"), ("D", "discriminator")):
+            widened[net] = widen_state_dict(saved[net], fresh[net], kind)
+    except ValueError as e:
+        raise TrainingError(f"{source / STATE_DIR}: cannot start from this state: {e}") from None
+    for opt, net in (("opt_G", "G"), ("opt_D", "D")):
+        names = [name for name, _ in getattr(state, net).named_parameters()]
+        widened[opt] = widen_adam_state(saved[opt], names, saved[net], widened[net])
+    return widened
+
+
 def train_gan(config: TrainingConfig) -> Path:
     """Train (or resume) a run in ``config.out`` up to ``config.total_images``; returns the path of the network
     exported at the run's last state (exported now when a resumed run is already at its target and lacks it)."""
@@ -521,9 +547,15 @@ def train_gan(config: TrainingConfig) -> Path:
     else:
         if run.exists() and any(run.iterdir()):
             raise TrainingError(f"{run}: exists and holds no {STATE_DIR}/ to resume from; choose an empty --out")
+        start = state_from_run(Path(config.init_from), state) if config.init_from else None  # checked first
         run.mkdir(parents=True, exist_ok=True)
         atomic_save(run / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(_config_json(config), indent=2)))
         save_image_atomic(image_grid(data.batch(range(min(config.grid_size, len(data))))), run / "reals.png")
+        if start is not None:
+            state.load_state_dict(start)
+            _set_learning_rates(state, config)
+            print(f"starting from {config.init_from} at {state.images_seen} images (step {state.step}), widened to "
+                  f"channel_base {config.channel_base}, channel_max {config.channel_max}")
 
     def export() -> Path:  # the sample grid and network-N/ of the current state, then the state itself
         save_sample_grid(state.G_ema, run / "samples" / f"fakes-{_images_name(state.images_seen)}.png",
