@@ -260,21 +260,30 @@ def test_labeled_images_larger_than_the_generator(domain, tmp_path):
     assert set(results["methods"]) == {"handsoff", "transfer"}
 
 
-def test_benchmark_splits_are_rerendered_when_the_framing_changes(tmp_path):
-    import numpy as np
-
-    from handsoff.domains import heads
+def test_benchmark_splits_are_reused_only_when_they_hold_the_same_heads(tmp_path):
+    """A rendered split is reused when it holds exactly the heads asked for; other heads (another framing, size,
+    count or first index: another --labeled list or --oracle count in the same --out) are refused by name and left
+    as they are, never silently reused or overwritten; a killed render (no dataset.json) is redone."""
+    from handsoff.errors import UsageError
     from handsoff.pipeline.benchmark import render_split
 
-    bust = render_split(tmp_path / "test", "test", 2, size=16, progress=False)
-    first = (bust / "dataset.json").stat().st_mtime_ns
-    assert render_split(tmp_path / "test", "test", 2, size=16, progress=False) == bust  # complete: reused
-    assert (bust / "dataset.json").stat().st_mtime_ns == first
-    portrait = render_split(tmp_path / "test", "test", 2, size=16, progress=False, framing="portrait")
-    folder = LabeledFolder(portrait)
-    assert folder.card.source["framing"] == "portrait" and len(folder) == 2
-    assert not np.array_equal(folder.load(folder.names[0])["image"],
-                              heads.render_heads(SPLIT_SEEDS["test"], [0], 16).images[0])
+    split = render_split(tmp_path / "test", "test", 2, start=3, size=16, progress=False)
+    first = (split / "dataset.json").stat().st_mtime_ns
+    assert render_split(split, "test", 2, start=3, size=16, progress=False) == split  # complete: reused
+    assert (split / "dataset.json").stat().st_mtime_ns == first
+    assert LabeledFolder(split).names == [f"{SPLIT_SEEDS['test']:04d}_{i:07d}" for i in (3, 4)]
+    for change, words in ((dict(framing="portrait"), "framing 'bust' (wanted 'portrait')"),
+                          (dict(size=32), "size 16 (wanted 32)"), (dict(n=3), "2 heads"), (dict(start=5), "2 heads"),
+                          (dict(split="oracle"), "seed")):
+        args = dict(split="test", n=2, start=3, size=16) | change
+        with pytest.raises(UsageError, match=re.escape(words)) as caught:
+            render_split(split, args.pop("split"), args.pop("n"), progress=False, **args)
+        assert str(split) in str(caught.value)
+    assert (split / "dataset.json").stat().st_mtime_ns == first
+
+    (split / "dataset.json").unlink()  # as a kill before the card is written leaves it
+    assert render_split(split, "test", 2, start=3, size=16, progress=False, framing="portrait") == split
+    assert LabeledFolder(split).card.source["framing"] == "portrait" and len(LabeledFolder(split)) == 2
 
 
 def test_demo_and_benchmark_name_a_missing_generator_before_rendering(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from handsoff.domains import heads
+from handsoff.errors import UsageError
 from handsoff.fileio import atomic_write_bytes, atomic_write_json
 from handsoff.metrics.labels import HEADLINE, LOWER_IS_BETTER, results_table
 from handsoff.pipeline.config import PipelineConfig
@@ -52,13 +53,30 @@ BENCHMARK_ORACLE = 5000
 
 def render_split(out: Path, split: str, n: int, start: int = 0, size: int = 64, progress: bool = True,
                  framing: str = "bust") -> Path:
-    """Rendered heads of one split in the standard layout (reused when already complete in this framing)."""
+    """Rendered heads ``start .. start + n - 1`` of one split in the standard layout at ``out``.
+
+    A complete folder is reused only if it holds exactly those heads (the sample names carry seed and index) at
+    this size and framing; one that holds others (another ``--labeled`` list or ``--oracle`` count in the same
+    ``--out``) is refused by name rather than silently reused. An incomplete one (a killed render) is redone."""
     from handsoff.data.layout import LabeledFolder
 
-    if (out / "dataset.json").exists() and LabeledFolder(out).card.source.get("framing", "bust") == framing:
+    seed = heads.SPLIT_SEEDS[split]
+    if not (out / "dataset.json").exists():
+        heads.write_heads_dataset(out, n, seed=seed, size=size, start=start, overwrite=True, progress=progress,
+                                  framing=framing)
         return out
-    heads.write_heads_dataset(out, n, seed=heads.SPLIT_SEEDS[split], size=size, start=start, overwrite=True,
-                              progress=progress, framing=framing)
+    folder = LabeledFolder(out)
+    source = folder.card.source
+    have = {"seed": source.get("seed"), "size": source.get("size"), "framing": source.get("framing", "bust")}
+    want = {"seed": seed, "size": size, "framing": framing}
+    differ = [f"{k} {have[k]!r} (wanted {want[k]!r})" for k in want if have[k] != want[k]]
+    names = [f"{seed:04d}_{i:07d}" for i in range(start, start + n)]
+    if folder.names != names:
+        found = f"{folder.names[0]}..{folder.names[-1]}" if folder.names else "none"
+        differ.append(f"{len(folder)} heads {found} (wanted {n}: {names[0]}..{names[-1]})")
+    if differ:
+        raise UsageError(f"{out}: holds other rendered heads than this run needs: {'; '.join(differ)}. Use another "
+                         "--out (or delete the folder to render it again)")
     return out
 
 
