@@ -173,7 +173,8 @@ def cmd_benchmark(args) -> int:
                                "batch": args.batch, "lr": args.lr,
                                "images_per_epoch": args.images_per_epoch, "patience": args.epochs,
                                "labeled_share": args.labeled_share,
-                               **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})}}
+                               **({"backbone_weights": args.backbone_weights} if args.backbone_weights else {})},
+                "generation": {"void_top": args.void_top}}
     results = run_benchmark(args.out, labeled=args.labeled, seeds=args.seeds,
                             validation=args.validation, test=args.test, oracle=args.oracle,
                             generated=args.generated, settings=settings, device=args.device,
@@ -310,7 +311,7 @@ def cmd_generate(args) -> int:
     config = GenerationConfig(n=args.n, seed=args.seed, truncation=args.truncation, filter_top=args.filter_top,
                               filter_by=args.filter_by, keep_filtered=args.keep_filtered, batch=args.batch,
                               fmt=args.format, min_class_fraction=_class_fractions(args.min_class_fraction or []),
-                              label_precision=args.label_precision)
+                              label_precision=args.label_precision, void_top=args.void_top)
     if args.shards:
         kept = args.n - math.floor(args.filter_top * args.n)
         config.shard_size = max(1, math.ceil(kept / args.shards))
@@ -521,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled-share", type=FRACTION, default=ds["labeled_share"],
                    help="share of HandsOff's training images drawn from the labeled real images (0: generated only, "
                    "the paper's protocol)")
+    p.add_argument("--void-top", type=FRACTION, default=DEMO["generation"]["void_top"],
+                   help="per generated sample, this fraction of the dense labels' most uncertain pixels unlabeled")
     p.add_argument("--batch", type=POSITIVE_INT, default=ds["batch"])
     p.add_argument("--lr", type=POSITIVE, default=ds["lr"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -671,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--filter-top", type=FRACTION, default=0.1, help="fraction dropped as most uncertain")
     p.add_argument("--filter-by", default="combined", help="seg, kp, depth or combined")
+    p.add_argument("--void-top", type=FRACTION, default=0.0, help="in every sample, leave this fraction of the "
+                   "dense labels' pixels unlabeled where the ensemble disagrees most (mask id 255, depth NaN; "
+                   "downstream losses skip them)")
     p.add_argument("--keep-filtered", action="store_true", help="move filtered samples to OUT/filtered/")
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
     p.add_argument("--shards", type=POSITIVE_INT, default=None, help="number of WebDataset tar shards")

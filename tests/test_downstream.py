@@ -186,6 +186,61 @@ def test_soft_dice_weighs_classes_equally():
     assert losses[3][1] / losses[1][1] > 8  # cross-entropy: 9 times the pixels, 9 times the loss
 
 
+
+def test_void_pixels_carry_no_label_in_losses_metrics_flips_and_files(tmp_path, splits):
+    """Mask id 255 (VOID, PASCAL VOC's void): whatever is predicted there changes no loss, no gradient and no
+    confusion count; a flip keeps it; a dataset may hold it, while other unknown ids are still refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    from handsoff.data.dataset import LabeledImageDataset
+    from handsoff.data.layout import DatasetError, LabeledFolder
+    from handsoff.tasks import Segmentation
+    from handsoff.tasks.segmentation import VOID
+
+    task = Segmentation(["background", "a", "b"])
+    mask = torch.randint(0, 3, (2, 8, 8))
+    mask[:, :3] = VOID
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = task.downstream_loss(logits, {"mask": mask})
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and grad[:, :, :3].abs().max() == 0 and grad[:, :, 3:].abs().max() > 0
+    other = logits.detach().clone()
+    other[:, :, :3] = torch.randn(2, 3, 3, 8) * 10
+    assert torch.allclose(task.downstream_loss(other, {"mask": mask}), loss)
+    confusion = task.metric_update(None, other, {"mask": mask})
+    assert confusion.sum() == 2 * 5 * 8
+    # The label generator's loss: a void target pixel teaches nothing; a step of void pixels alone, nothing at all.
+    outputs = torch.randn(6, 2, 3)  # (pixels, members, classes)
+    targets = torch.tensor([0, 1, VOID, 2, VOID, 1])
+    keep = targets != VOID
+    torch.testing.assert_close(task.loss(outputs, targets), task.loss(outputs[keep], targets[keep]))
+    assert task.loss(outputs, torch.full((6,), VOID)) == 0
+    assert task.clean_mask(np.array([[VOID, 1], [0, 0]]))[0, 0] == VOID
+
+    data = tmp_path / "voided"
+    import shutil
+    shutil.copytree(splits["train"], data)
+    folder = LabeledFolder(data)
+    path = data / "masks" / f"{folder.names[0]}.png"
+    with_void = np.asarray(Image.open(path)).copy()
+    with_void[:4] = VOID
+    Image.fromarray(with_void).save(path)
+    item = LabeledImageDataset(data, augment=False)[0]
+    assert (item["mask"][:4] == VOID).all() and item["mask"][4:].max() < len(folder.card.classes)
+    flips = LabeledImageDataset(data, augment=True).flip_permutations["seg"]
+    assert flips[VOID] == VOID
+    from handsoff.visualize import label_panels
+
+    sample = LabeledFolder(data).load(folder.names[0])
+    strip = np.asarray(label_panels({"image": sample["image"], "mask": sample["mask"]}, folder.card.colors, scale=1))
+    overlay = strip[:, sample["image"].shape[1]:]
+    np.testing.assert_array_equal(overlay[:4], (0.45 * sample["image"][:4] + 0.55 * 128).astype(np.uint8))  # grey
+    with_void[5, 5] = 40
+    Image.fromarray(with_void).save(path)
+    with pytest.raises(DatasetError, match=r"unknown class ids \[40\]"):
+        LabeledFolder(data).load(folder.names[0])
+
 def test_a_nan_label_stops_training_before_anything_is_saved(tmp_path, splits, capsys, monkeypatch):
     """One NaN keypoint in the training labels: a one-line error naming the file, before any work. A loss that
     turns non-finite anyway (here forced): a one-line error naming the run and step, no model saved, exit 1."""

@@ -81,6 +81,36 @@ def test_filtering_drops_exactly_the_most_uncertain_and_records_them(tmp_path, l
     assert len(LabeledFolder(out)) == 30
 
 
+
+def test_void_top_leaves_each_samples_most_uncertain_pixels_unlabeled(tmp_path, label_generator):
+    """--void-top F: in every sample exactly floor(F * L^2) mask pixels are void, the ones the members disagree on
+    most (JS); depth is NaN at its own most uncertain pixels (variance); everything else as without it."""
+    from handsoff.generator.sampling import latents_for_seeds
+    from handsoff.label_generator import load_label_generator
+    from handsoff.tasks.segmentation import VOID
+
+    assert main(_generate(label_generator, tmp_path / "plain", "--filter-top", "0", n=8)) == 0
+    assert main(_generate(label_generator, tmp_path / "void", "--filter-top", "0", "--void-top", "0.25", n=8)) == 0
+    plain, void = LabeledFolder(tmp_path / "plain"), LabeledFolder(tmp_path / "void")
+    card = json.loads((tmp_path / "void" / "dataset.json").read_text())
+    model = load_label_generator(label_generator)
+    z = latents_for_seeds(0, range(8), model.G.z_dim)
+    result = model.predict_z(z, truncation_psi=0.7, precision=card["source"]["generation"]["label_precision"])
+    for i, name in enumerate(void.names):
+        a, b = plain.load(name), void.load(name)
+        unlabeled = b["mask"] == VOID
+        assert unlabeled.sum() == 32 * 32 // 4
+        np.testing.assert_array_equal(b["mask"][~unlabeled], a["mask"][~unlabeled])
+        js = result["seg"][i]["uncertainty"].numpy()
+        assert js[unlabeled].min() >= js[~unlabeled].max()
+        nan = np.isnan(b["depth"])
+        assert nan.sum() == 32 * 32 // 4 and not np.isnan(a["depth"]).any()
+        np.testing.assert_array_equal(b["depth"][~nan], a["depth"][~nan])
+        np.testing.assert_array_equal(b["keypoints"], a["keypoints"])
+        np.testing.assert_array_equal(b["image"], a["image"])
+    with pytest.raises(SystemExit):  # a usage error: argparse's exit status 2
+        main(_generate(label_generator, tmp_path / "bad", "--void-top", "1"))
+
 def test_class_quota_reaches_its_target(tmp_path, label_generator):
     assert main(_generate(label_generator, tmp_path / "plain", "--n", "32", "--filter-top", "0")) == 0
     share = json.loads((tmp_path / "plain" / "dataset.json").read_text())["source"]["statistics"][

@@ -46,6 +46,9 @@ class GenerationConfig:
     label_precision: the label maps' arithmetic (``label_generator.model.LABEL_PRECISIONS``); 'auto' is resolved to
     'bf16' or 'fp32' for this machine when generation starts and recorded so (a run resumed on a machine that
     resolves it otherwise is refused rather than mixing the two in one dataset).
+    void_top: in every sample, this fraction of the dense labels' pixels on which the ensemble's members disagree
+    most is left without a label (segmentation id ``VOID`` = 255, depth NaN), which downstream losses skip: on the
+    heads demo these pixels hold most of the wrong labels (measured against the portrait probe).
     """
 
     n: int
@@ -59,12 +62,15 @@ class GenerationConfig:
     shard_size: int = 1000
     min_class_fraction: dict[str, float] = field(default_factory=dict)
     label_precision: str = "auto"
+    void_top: float = 0.0
 
     def __post_init__(self):
         if self.n < 1:
             raise UsageError(f"n must be at least 1, got {self.n}")
         if not 0 <= self.filter_top < 1:
             raise UsageError(f"filter_top must be in [0, 1), got {self.filter_top}")
+        if not 0 <= self.void_top < 1:
+            raise UsageError(f"void_top must be in [0, 1), got {self.void_top}")
         if self.fmt not in ("folder", "webdataset"):
             raise UsageError(f"format must be 'folder' or 'webdataset', got {self.fmt!r}")
         for name, f in self.min_class_fraction.items():
@@ -108,7 +114,7 @@ def run_batch(model, out: Path, config: GenerationConfig, batch: int) -> dict:
     card = file_card(model)
     samples = []
     for i, index in enumerate(indices):
-        sample = prediction_sample(result, i)
+        sample = prediction_sample(result, i, void_top=config.void_top)
         name = _name(index)
         write_sample_files(out, card, name, sample)
         entry = {"index": index, "name": name, "scores": {t.name: result[t.name][i]["score"] for t in model.tasks}}
@@ -208,6 +214,13 @@ def generate_dataset(model, out: str | os.PathLike, config: GenerationConfig, *,
         return _generate(model, out, config, classes, rank, world, progress, source)
 
 
+def _as_now(saved: dict) -> dict:
+    """Settings saved by an earlier version, with the settings added since at their defaults (what it used)."""
+    added = {f.name: f.default for f in dataclasses.fields(GenerationConfig)
+             if f.name not in saved and f.default is not dataclasses.MISSING}
+    return {**added, **saved}
+
+
 def _generate(model, out: Path, config: GenerationConfig, classes: list[str], rank: int, world: int,
               progress: bool, source: dict | None) -> Path | None:
     settings = dataclasses.asdict(config)
@@ -218,7 +231,7 @@ def _generate(model, out: Path, config: GenerationConfig, classes: list[str], ra
     if rank == 0:
         if (out / "dataset.json").exists():
             source_done = json.loads((out / "dataset.json").read_text()).get("source", {})
-            if source_done.get("generation") != settings:
+            if _as_now(source_done.get("generation", {})) != settings:
                 raise DatasetError(f"{out / 'dataset.json'}: a finished dataset with other settings is there; "
                                    "choose another --out")
             if source_done.get("producer", producer) != producer:
@@ -226,7 +239,7 @@ def _generate(model, out: Path, config: GenerationConfig, classes: list[str], ra
                                    f"generator (fingerprint {source_done['producer']}, now {producer}); choose "
                                    "another --out")
         elif settings_path.exists():
-            saved = json.loads(settings_path.read_text())
+            saved = _as_now(json.loads(settings_path.read_text()))
             saved_producer = saved.pop("producer", producer)
             if saved != settings:
                 changed = sorted(k for k in settings if saved.get(k) != settings[k])

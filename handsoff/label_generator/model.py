@@ -236,10 +236,11 @@ class LabelGenerator(nn.Module):
         return self.predict(self.G.mapping(z.to(self.G.w_avg.device), truncation_psi=truncation_psi), precision)
 
 
-def prediction_sample(result: dict, i: int) -> dict:
+def prediction_sample(result: dict, i: int, void_top: float = 0.0) -> dict:
     """Sample ``i`` of a ``predict`` result in the labeled-data layout's form: image (L, L, 3) uint8 (resized,
     antialiased, where the generator's resolution differs from the label resolution L) and, per task present,
-    mask (L, L) int64, keypoints (K, 3) float32 in label pixels (COCO visibility), depth (L, L) float32."""
+    mask (L, L) int64, keypoints (K, 3) float32 in label pixels (COCO visibility), depth (L, L) float32; with
+    ``void_top`` > 0 that fraction of each dense label's most uncertain pixels is void (mask 255, depth NaN)."""
     import torch.nn.functional as F
 
     from handsoff.visualize import to_uint8
@@ -250,7 +251,7 @@ def prediction_sample(result: dict, i: int) -> dict:
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     sample = {"image": to_uint8(image)[0]}
     for task in result["tasks"]:
-        sample[task.sample_key] = task.label(result[task.name][i])
+        sample[task.sample_key] = task.label(result[task.name][i], void_top)
     return sample
 
 

@@ -84,6 +84,7 @@ class GenerationSettings(Section):
     keep_filtered: bool = False
     min_class_fraction: dict[str, float] = Field(default_factory=dict, max_length=1)
     label_precision: Literal[LABEL_PRECISIONS] = "auto"  # label maps' arithmetic (generate --label-precision)
+    void_top: float = Field(0.0, ge=0, lt=1)  # per sample, this fraction of dense-label pixels left unlabeled
 
     @field_validator("min_class_fraction")
     @classmethod

@@ -200,7 +200,8 @@ def _run_stages(config: PipelineConfig, nets, device: torch.device, progress: bo
                                                           batch=gen.batch, fmt=gen.format,
                                                           keep_filtered=gen.keep_filtered,
                                                           min_class_fraction=gen.min_class_fraction,
-                                                          label_precision=gen.label_precision),
+                                                          label_precision=gen.label_precision,
+                                                          void_top=gen.void_top),
                          progress=progress, source=label_generator_source(lg_dir))
 
     def downstream(method: str, train_dirs: list[Path], val_dir: Path, prepare=None, shares=None) -> Stage:

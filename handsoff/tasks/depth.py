@@ -14,7 +14,7 @@ from handsoff.distributed import total
 from handsoff.errors import DataError
 from handsoff.fileio import atomic_save
 from handsoff.metrics.labels import depth_errors
-from handsoff.tasks.base import TaskBase, pixel_label_transform, top_fraction_mean
+from handsoff.tasks.base import TaskBase, most_uncertain, pixel_label_transform, top_fraction_mean
 
 NORMALIZATION_SAMPLES = 200  # depth maps per dataset that fix the downstream network's normalization
 
@@ -162,8 +162,12 @@ class Depth(TaskBase):
         var = t.var(0, unbiased=False)
         return {"label": self.inverse(t.mean(0)), "uncertainty": var, "score": top_fraction_mean(var)}
 
-    def label(self, decoded: dict) -> np.ndarray:
-        return decoded["label"].cpu().numpy().astype(np.float32)
+    def label(self, decoded: dict, void_top: float = 0.0) -> np.ndarray:
+        """(H, W) depth; the ``void_top`` fraction of pixels the members disagree on most (variance) as NaN."""
+        depth = decoded["label"].cpu().numpy().astype(np.float32)
+        if void_top > 0:
+            depth[most_uncertain(decoded["uncertainty"], void_top)] = np.nan
+        return depth
 
     def card_fields(self) -> dict:
         return {"depth_format": "npy"}  # generated depth is stored exactly

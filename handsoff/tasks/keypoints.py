@@ -280,7 +280,8 @@ class Keypoints(TaskBase):
         score = float(spread[visible].mean()) if visible.any() else float(spread.mean())
         return {"label": keypoints, "heatmaps": mean, "spread": spread, "uncertainty": pixel_var, "score": score}
 
-    def label(self, decoded: dict) -> np.ndarray:
+    def label(self, decoded: dict, void_top: float = 0.0) -> np.ndarray:
+        """(K, 3) keypoints; ``void_top`` is for dense labels (keypoints carry their own visibility)."""
         return decoded["label"].cpu().numpy().astype(np.float32)
 
     def card_fields(self) -> dict:

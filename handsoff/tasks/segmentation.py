@@ -15,17 +15,29 @@ from handsoff.distributed import total
 from handsoff.errors import DataError
 from handsoff.fileio import atomic_save
 from handsoff.metrics.labels import confusion_matrix, miou
-from handsoff.tasks.base import TaskBase, entropy, name_permutation, pixel_label_transform, top_fraction_mean
+from handsoff.tasks.base import (
+    TaskBase,
+    entropy,
+    most_uncertain,
+    name_permutation,
+    pixel_label_transform,
+    top_fraction_mean,
+)
+
+# A mask pixel with this id has no label (PASCAL VOC's "void"): losses and metrics skip it, flips keep it. Real
+# datasets use it for unannotated pixels; generation writes it where the ensemble disagrees most (``void_top``).
+VOID = 255
 
 
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the classes present in the batch's masks or predictions.
 
-    logits (B, K, H, W), mask (B, H, W) int64. Every class weighs the same, so a part of a few pixels (an eye at
-    64 px) pulls as hard as the background; with cross-entropy alone such parts are learned only after the
-    large classes, far later in training (mIoU also weighs classes equally)."""
-    probs = logits.softmax(1)
-    onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    logits (B, K, H, W), mask (B, H, W) int64 (``VOID`` pixels left out). Every class weighs the same, so a part of
+    a few pixels (an eye at 64 px) pulls as hard as the background; with cross-entropy alone such parts are learned
+    only after the large classes, far later in training (mIoU also weighs classes equally)."""
+    valid = (mask != VOID)[:, None]
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(mask.where(valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype) * valid
     # Sums over the global batch: under torchrun, every worker's samples (``distributed.total``).
     inter = total((probs * onehot).sum((0, 2, 3)))
     union = total(probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)))
@@ -41,7 +53,8 @@ class Segmentation(TaskBase):
     divergence of the members' distributions, H(mean p) - mean H(p_m), per pixel. ``min_class_pixels``: in each
     training mask, classes covering fewer pixels become background (HandsOff uses 30 at 512 px; None scales that
     to the label resolution, at least 1 pixel).
-    Downstream: cross-entropy plus soft Dice; metrics: dataset-level mIoU and IoU per class.
+    Downstream: cross-entropy plus soft Dice; metrics: dataset-level mIoU and IoU per class. Pixels with id ``VOID``
+    (255) carry no label anywhere (so a dataset has at most 255 classes).
     """
 
     name = "seg"
@@ -114,8 +127,8 @@ class Segmentation(TaskBase):
                                f"shape {mask.shape}")
         if mask.shape != tuple(shape):
             raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
-        if mask.max() >= len(card.classes):
-            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(card.classes))))
+        if ((mask >= len(card.classes)) & (mask != VOID)).any():
+            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(card.classes))) - {VOID})
             raise DatasetError(f"{path}: unknown class ids {bad} (dataset has {len(card.classes)} classes)")
         return mask.astype(np.int64)
 
@@ -143,13 +156,17 @@ class Segmentation(TaskBase):
         classes = data.get("classes")
         if classes is not None and [c["id"] for c in classes] != list(range(len(classes))):
             raise DatasetError(f"{path}: class ids must be 0..{len(classes) - 1} in order")
+        if classes is not None and len(classes) > VOID:
+            raise DatasetError(f"{path}: {len(classes)} classes; at most {VOID} (id {VOID} means void, no label)")
         return {"classes": None if classes is None else [c["name"] for c in classes],
                 "colors": None if classes is None else [tuple(c["color"]) for c in classes],
                 "class_flip_pairs": [tuple(p) for p in data.get("class_flip_pairs", [])]}
 
     @classmethod
     def flip_permutation(cls, card) -> np.ndarray:
-        return name_permutation(card.classes, card.class_flip_pairs)
+        """(256,): left/right classes swapped, every other id (VOID too) kept."""
+        perm = name_permutation(card.classes, card.class_flip_pairs)
+        return np.concatenate([perm, np.arange(len(perm), VOID + 1)])
 
     @classmethod
     def transform(cls, value, rows, cols, box, out_size, flip, permutation) -> torch.Tensor:
@@ -160,7 +177,8 @@ class Segmentation(TaskBase):
     @classmethod
     def paint(cls, panels: list[np.ndarray], value: np.ndarray, colors) -> None:
         """The mask's class colours blended into the overlay panel."""
-        palette = np.array(colors, np.uint8)
+        palette = np.full((VOID + 1, 3), 128, np.uint8)  # void (and any unnamed id) in grey
+        palette[:len(colors)] = np.array(colors, np.uint8)
         panels[1][:] = (0.45 * panels[0] + 0.55 * palette[value]).astype(np.uint8)
 
     # --- label generator ---------------------------------------------------------------------------------------
@@ -172,6 +190,7 @@ class Segmentation(TaskBase):
         counts = np.bincount(mask.reshape(-1), minlength=self.out_channels)
         small = (counts > 0) & (counts < threshold)
         small[0] = False
+        small[self.out_channels:] = False  # void stays void
         return np.where(small[mask], 0, mask) if small.any() else mask
 
     def prepare(self, sample: dict, size: int) -> torch.Tensor:
@@ -182,11 +201,15 @@ class Segmentation(TaskBase):
         return torch.from_numpy(self.clean_mask(mask).astype(np.int64)).reshape(-1)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p, m, k = outputs.shape
-        return F.cross_entropy(outputs.reshape(p * m, k), targets.repeat_interleave(m))
+        valid = targets != VOID
+        if not valid.any():
+            return outputs.sum() * 0
+        p, m, k = outputs[valid].shape
+        return F.cross_entropy(outputs[valid].reshape(p * m, k), targets[valid].repeat_interleave(m))
 
     def constant_loss(self, targets: torch.Tensor) -> float:
-        freq = torch.bincount(targets, minlength=self.out_channels).double() / len(targets)
+        targets = targets[targets != VOID]
+        freq = torch.bincount(targets, minlength=self.out_channels).double() / max(len(targets), 1)
         return float(entropy(freq, 0))
 
     def decode(self, outputs: torch.Tensor) -> dict:
@@ -197,8 +220,12 @@ class Segmentation(TaskBase):
         js = (entropy(mean, 0) - entropy(probs, 1).mean(0)).clamp(min=0)
         return {"label": label, "probabilities": mean, "uncertainty": js, "score": top_fraction_mean(js)}
 
-    def label(self, decoded: dict) -> np.ndarray:
-        return decoded["label"].cpu().numpy().astype(np.int64)
+    def label(self, decoded: dict, void_top: float = 0.0) -> np.ndarray:
+        """(H, W) class ids; the ``void_top`` fraction of pixels the members disagree on most (JS) as ``VOID``."""
+        label = decoded["label"].cpu().numpy().astype(np.int64)
+        if void_top > 0:
+            label[most_uncertain(decoded["uncertainty"], void_top)] = VOID
+        return label
 
     def card_fields(self) -> dict:
         return {"classes": self.classes}
@@ -206,10 +233,13 @@ class Segmentation(TaskBase):
     # --- downstream ----------------------------------------------------------------------------------------------
 
     def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(output, batch["mask"]) + soft_dice_loss(output, batch["mask"])
+        if (batch["mask"] == VOID).all():
+            return output.sum() * 0
+        return F.cross_entropy(output, batch["mask"], ignore_index=VOID) + soft_dice_loss(output, batch["mask"])
 
     def metric_update(self, state, output: torch.Tensor, batch: dict):
-        c = confusion_matrix(output.argmax(1), batch["mask"], self.out_channels)
+        valid = batch["mask"] != VOID
+        c = confusion_matrix(output.argmax(1)[valid], batch["mask"][valid], self.out_channels)
         return c if state is None else state + c
 
     def metric_result(self, state, image_size: int) -> dict:
