@@ -155,7 +155,7 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
         for field in fields:
             assert settings.model_fields[field].get_default(call_default_factory=True) == cli[field], (command, field)
             compared += 1
-    assert compared == 41
+    assert compared == 42
     # ... and the stage functions the CLI and `run` call take the same defaults (renamed where noted).
     import dataclasses
 
@@ -182,7 +182,7 @@ def test_cli_defaults_are_the_run_config_and_library_defaults():
                 assert settings.model_fields[field].get_default(call_default_factory=True) == stage[name], \
                     (settings.__name__, field)
                 stage_compared += 1
-    assert stage_compared == 29, stage_compared
+    assert stage_compared == 30, stage_compared
     signature = inspect.signature(run_benchmark).parameters
     cli = _defaults("benchmark")
     for option in ("validation", "test", "oracle", "generated"):
