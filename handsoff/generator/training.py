@@ -508,11 +508,10 @@ def state_from_run(source: Path, state: TrainingState) -> dict:
     if not has_state(source):
         raise TrainingError(f"{source}: holds no {STATE_DIR}/ to start from (--init-from takes a train-gan run folder)")
     saved = read_state(source)
-    fresh = state.state_dict()
     widened = dict(saved)
     try:
         for net, kind in (("G", "generator"), ("G_ema", "generator"), ("D", "discriminator")):
-            widened[net] = widen_state_dict(saved[net], fresh[net], kind)
+            widened[net] = widen_state_dict(saved[net], getattr(state, net).state_dict(), kind)
     except ValueError as e:
         raise TrainingError(f"{source / STATE_DIR}: cannot start from this state: {e}") from None
     for opt, net in (("opt_G", "G"), ("opt_D", "D")):

@@ -43,7 +43,7 @@ def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     union = total(probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)))
     present = total(onehot.sum((0, 2, 3))) > 0
     dice = (2 * inter + 1.0) / (union + 1.0)
-    return 1 - dice[present].mean()
+    return 1 - dice[present].mean() if present.any() else logits.sum() * 0  # a global batch of void pixels only
 
 
 class Segmentation(TaskBase):
@@ -204,8 +204,9 @@ class Segmentation(TaskBase):
         valid = targets != VOID
         if not valid.any():
             return outputs.sum() * 0
-        p, m, k = outputs[valid].shape
-        return F.cross_entropy(outputs[valid].reshape(p * m, k), targets[valid].repeat_interleave(m))
+        outputs, targets = outputs[valid], targets[valid]
+        p, m, k = outputs.shape
+        return F.cross_entropy(outputs.reshape(p * m, k), targets.repeat_interleave(m))
 
     def constant_loss(self, targets: torch.Tensor) -> float:
         targets = targets[targets != VOID]
@@ -233,9 +234,12 @@ class Segmentation(TaskBase):
     # --- downstream ----------------------------------------------------------------------------------------------
 
     def downstream_loss(self, output: torch.Tensor, batch: dict) -> torch.Tensor:
-        if (batch["mask"] == VOID).all():
-            return output.sum() * 0
-        return F.cross_entropy(output, batch["mask"], ignore_index=VOID) + soft_dice_loss(output, batch["mask"])
+        # Every worker reaches soft Dice's all-reduce, also one whose batch is all void (no early return under
+        # torchrun); the mean over labeled pixels is 0, not NaN, when there are none.
+        mask = batch["mask"]
+        labeled = (mask != VOID).sum().clamp(min=1)
+        cross_entropy = F.cross_entropy(output, mask, ignore_index=VOID, reduction="sum") / labeled
+        return cross_entropy + soft_dice_loss(output, mask)
 
     def metric_update(self, state, output: torch.Tensor, batch: dict):
         valid = batch["mask"] != VOID
