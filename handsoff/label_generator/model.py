@@ -21,9 +21,12 @@ from handsoff.generator.trunk import Trunk
 from handsoff.label_generator.features import feature_groups, first_layer_at, first_layer_bands
 from handsoff.tasks import task_from_config
 
-# Label pixels per band of ``LabelGenerator.dense_outputs`` (at most 16 rows): 8 rows at 512 px, 16 at 64 px. On a
-# 2-core AVX2 EPYC, 1 row at 512 px was 15% slower, 32 or 64 rows at 64 px 20-35% slower.
+# Label pixels per band of ``LabelGenerator.dense_outputs`` (at most ``BAND_ROWS`` rows): 8 rows at 64-512 px. On a
+# 2-core AVX2 EPYC (one thread, 21 runs alternating), 1 row at 512 px was 10-15% slower, 2-8 rows within 2%; at 64 px
+# 16 rows (a 10 MB band of first-layer outputs, which the interpolation product and the ReLU then re-read) was 5-8%
+# slower than 8 (the fastest with 6), 32 or 64 rows 20-35% slower.
 BAND_PIXELS = 4096
+BAND_ROWS = 8
 # Generator features ``predict`` holds at a time: images are run through the generator in chunks of this many
 # bytes of features (float32), e.g. 2 images at 256 px (config-f: 0.12 GiB each), the whole batch at 64 px. A batch
 # of 16 at once held 1.9 GiB at 256 px and set the peak of fitting (keypoint calibration) and generation.
@@ -186,7 +189,7 @@ class LabelGenerator(nn.Module):
         The first layer runs in bands of label rows (``first_layer_bands``) and each band goes through the rest
         of the ensemble at once, so no full-size hidden map is ever held. Members are independent: the native-
         resolution first-layer results of as many members as fit in ``memory_gb`` are computed at a time.
-        ``band`` (rows per band) defaults to ``BAND_PIXELS`` label pixels, at most 16 rows.
+        ``band`` (rows per band) defaults to ``BAND_PIXELS`` label pixels, at most ``BAND_ROWS`` rows.
         """
         self.eval()
         e, size = self.ensemble, self.label_size
@@ -195,7 +198,7 @@ class LabelGenerator(nn.Module):
         features = [f.to(dtype) for f in features]
         native_pixels = sum(g.resolution**2 for g in self.groups if g.resolution < size) or 1
         chunk = int(min(e.members, max(1, memory_gb * 2**30 // (native_pixels * e.hidden * 4 * batch))))
-        band = band or max(1, min(16, BAND_PIXELS // size))
+        band = band or max(1, min(BAND_ROWS, BAND_PIXELS // size))
         out = torch.empty(batch, size, size, e.members, e.out_channels, device=e.weight1.device)
         for m0 in range(0, e.members, chunk):
             members = slice(m0, min(m0 + chunk, e.members))
