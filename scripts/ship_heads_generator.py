@@ -33,11 +33,33 @@ from handsoff.visualize import image_grid, save_image_atomic
 ROOT = Path(__file__).parents[1]
 
 
-def training_command(framing: str) -> str:
-    name, flag = ("heads", "") if framing == "bust" else (f"{framing}", f" --framing {framing}")
-    return (f"handsoff render-heads --out runs/{name}-gan-50k --n 50000 --seed 4 --size 64{flag} && "
-            f"handsoff train-gan --data runs/{name}-gan-50k --out runs/{heads.SHIPPED_NAMES[framing]} --size 64 "
-            "--images 5000000 --snapshot 20000 --tick 4000 --seed 0")
+# train-gan flags for the TrainingConfig fields a heads run may change from their defaults.
+TRAINING_FLAGS = {"channel_base": "--channel-base", "channel_max": "--channel-max", "lr": "--lr", "batch": "--batch",
+                  "r1_gamma": "--gamma", "augment": "--augment", "init_from": "--init-from"}
+
+
+def training_command(run: Path, images_seen: int, framing: str) -> str:
+    """The commands that train ``run`` (from its training.json) to ``images_seen``, from rendering the data on; a run
+    started ``--init-from`` another is preceded by the source's commands up to the images the source had then."""
+    from handsoff.generator.training import TrainingConfig
+
+    config = json.loads((run / "training.json").read_text())
+    defaults = TrainingConfig(data="", out="")
+    flags = "".join(f" {flag} {config[k]}" for k, flag in TRAINING_FLAGS.items()
+                    if config.get(k) is not None and config[k] != getattr(defaults, k))
+    train = (f"handsoff train-gan --data {config['data']} --out {config['out']} --size {config['resolution']} "
+             f"--images {images_seen} --snapshot {config['snapshot_images']} --tick {config['tick_images']} "
+             f"--seed {config['seed']}{flags}")
+    source = config.get("init_from")
+    if not source:
+        flag = "" if framing == "bust" else f" --framing {framing}"
+        return f"handsoff render-heads --out {config['data']} --n 50000 --seed 4 --size 64{flag} && {train}"
+    # The source's state is saved with each of its snapshots, so the run started from the source's last snapshot
+    # before this run's first logged tick.
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])["images_seen"]
+    start = max(int(p.name.split("-")[1]) for p in Path(source).glob("network-*")
+                if int(p.name.split("-")[1]) < first)
+    return f"{training_command(Path(source), start, framing)} && {train}"
 
 
 def main() -> None:
@@ -91,7 +113,7 @@ def main() -> None:
     training = json.loads((args.run / best_name / "config.json").read_text())["metadata"].get("training", {})
     metadata = {"name": name, "framing": args.framing,
                 "trained_on": f"50,000 rendered heads, seed 4 (the 'gan' split), 64 px, {args.framing} framing",
-                "training_command": training_command(args.framing), "images_seen": best["images_seen"],
+                "training_command": training_command(args.run, best["images_seen"], args.framing), "images_seen": best["images_seen"],
                 "snapshot": best_name,
                 "training": training, "figures": {k: best[k] for k in ("n", "fpd", "fpd_real_floor", "fpd_ratio")},
                 "class_statistics": best["classes"]}
