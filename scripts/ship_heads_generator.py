@@ -113,7 +113,8 @@ def main() -> None:
     training = json.loads((args.run / best_name / "config.json").read_text())["metadata"].get("training", {})
     metadata = {"name": name, "framing": args.framing,
                 "trained_on": f"50,000 rendered heads, seed 4 (the 'gan' split), 64 px, {args.framing} framing",
-                "training_command": training_command(args.run, best["images_seen"], args.framing), "images_seen": best["images_seen"],
+                "training_command": training_command(args.run, best["images_seen"], args.framing),
+                "images_seen": best["images_seen"],
                 "snapshot": best_name,
                 "training": training, "figures": {k: best[k] for k in ("n", "fpd", "fpd_real_floor", "fpd_ratio")},
                 "class_statistics": best["classes"]}
