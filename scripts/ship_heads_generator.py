@@ -33,6 +33,11 @@ from handsoff.visualize import image_grid, save_image_atomic
 ROOT = Path(__file__).parents[1]
 
 
+def snapshot_images(snapshot: Path) -> int:
+    """Images seen of a ``network-NNNNNNNN`` snapshot folder, from its name."""
+    return int(snapshot.name.split("-")[1])
+
+
 # train-gan flags for the TrainingConfig fields a heads run may change from their defaults.
 TRAINING_FLAGS = {"channel_base": "--channel-base", "channel_max": "--channel-max", "lr": "--lr", "batch": "--batch",
                   "r1_gamma": "--gamma", "augment": "--augment", "init_from": "--init-from"}
@@ -57,8 +62,7 @@ def training_command(run: Path, images_seen: int, framing: str) -> str:
     # The source's state is saved with each of its snapshots, so the run started from the source's last snapshot
     # before this run's first logged tick.
     first = json.loads((run / "log.jsonl").read_text().splitlines()[0])["images_seen"]
-    start = max(int(p.name.split("-")[1]) for p in Path(source).glob("network-*")
-                if int(p.name.split("-")[1]) < first)
+    start = max(images for images in map(snapshot_images, Path(source).glob("network-*")) if images < first)
     return f"{training_command(Path(source), start, framing)} && {train}"
 
 
@@ -94,7 +98,7 @@ def main() -> None:
     for snap in to_evaluate:
         G = load_networks(snap).generator
         result = evaluate_generator(G, probe, n=args.n, reals=reals)
-        result["images_seen"] = int(snap.name.split("-")[1])
+        result["images_seen"] = snapshot_images(snap)
         cache[snap.name] = result
         print(f"{snap.name}:\n{format_report(result)}")
         atomic_save(cache_path, lambda tmp: tmp.write_text(json.dumps(cache, indent=1)))
